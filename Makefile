@@ -1,0 +1,29 @@
+# make run   — install into .venv and run self-play on the embedded defaults
+# make test  — install into .venv with the test extras and run the whole test suite
+# make bench — run the microbenchmarks (pytest-benchmark) and print the comparison tables
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+JOBS ?= 2
+
+.PHONY: run test bench clean
+
+$(VENV)/.installed-run: pyproject.toml setup.py scripts/install.sh
+	scripts/install.sh $(VENV)
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml setup.py scripts/install.sh
+	scripts/install.sh $(VENV) test
+	touch $@ $(VENV)/.installed-run
+
+run: $(VENV)/.installed-run
+	$(PY) -m spell_core.run $(ARGS)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -n $(JOBS) --durations=25 tests $(ARGS)
+
+bench: $(VENV)/.installed-test
+	$(PY) -m pytest bench --benchmark-enable --benchmark-columns=min,median,mean,rounds -s $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

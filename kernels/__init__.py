@@ -1,0 +1,44 @@
+"""spell_kernels: Triton kernels for long-context RL training, usable on their own.
+
+Every public op dispatches on its inputs: CUDA tensors run the Triton kernels, CPU tensors
+run a PyTorch path (see `_dispatch.use_triton`). Importing this package does not import
+Triton; each op's module is imported the first time one of its names is used, so
+`TRITON_INTERPRET=1` may be set any time before the first call.
+"""
+from importlib import import_module
+
+# public name -> module (inside spell_kernels) that defines it
+_EXPORTS = {
+    # attention
+    "flash_attn_varlen_func": "flash_attn",
+    "shared_prefix_attn_func": "shared_prefix",
+    "decode_attn_shared_prefix": "decode_attn",
+    "merge_attn_states": "lse_merge",
+    "ring_flash_attn_varlen_func": "ring_attn",
+    # RL ops
+    "fused_linear_logprob": "logprob",
+    "policy_loss": "policy_loss",
+    "group_advantages": "advantages",
+    "broadcast_to_tokens": "advantages",
+    # packing
+    "pack": "packing",
+    "unpack": "packing",
+    "cu_seqlens_from_lengths": "packing",
+    "position_ids_from_cu_seqlens": "packing",
+    "partition_by_token_budget": "packing",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'spell_kernels' has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
