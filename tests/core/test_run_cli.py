@@ -1,0 +1,138 @@
+"""`python -m spell_core.run` skeleton on a tiny model and a tiny corpus."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spell_core.assets import resolve_model
+from spell_core.run import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PLAY = """THE TINY PLAY
+
+PERSONS. Ann, Bob.
+
+ACT I.
+
+SCENE I. A room.
+
+ANN. The key is under the third stone by the well.
+
+SCENE II. A garden.
+
+BOB. Then the well it is, and quickly.
+
+ACT II.
+
+SCENE I. The well.
+
+ANN. Here lies the stone, and under it the key.
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random 2-layer Llama with the default model's tokenizer, saved by transformers."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder, sum(p.numel() for p in model.parameters()), tokenizer
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "play.txt").write_text(PLAY)
+    lines = [{"id": "n1", "text": "A note about wells.", "cluster": "notes"},
+             {"id": "n2", "text": "A note about keys.", "cluster": "notes"}]
+    (corpus / "notes.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return corpus
+
+
+def field(output, name):
+    match = re.search(rf"^{name}\s+(.*)$", output, re.M)
+    assert match, f"no '{name}' line in:\n{output}"
+    return match.group(1)
+
+
+def test_cli_prints_configuration_and_statistics_then_stops(tiny_model, tiny_corpus, tmp_path, capsys):
+    folder, n_params, tokenizer = tiny_model
+    out = tmp_path / "run"
+    argv = ["--model", str(folder), "--corpus", str(tiny_corpus), "--ctx", "6k", "--out", str(out),
+            "--seed", "3", "--device", "cpu"]
+    assert main(argv) == 0
+    output = capsys.readouterr().out
+
+    assert re.search(r"^\s+data\.ctx\s+6144$", output, re.M)
+    assert re.search(r"^\s+seed\s+3$", output, re.M)
+    assert re.search(r"^\s+cluster_budget\s+1024$", output, re.M)  # 6144 - 1024 - 4096
+    assert field(output, "parameters").startswith(f"{n_params:,} ")
+    assert field(output, "vocabulary").startswith(f"{len(tokenizer):,} ")
+    assert field(output, "native ctx").startswith("4,096 tokens (--ctx 6,144 is longer")
+    # the play: front matter + ACT I (scene I) + scene II + ACT II (scene I); the notes: 2 lines
+    assert field(output, "documents").startswith("6 from 2 works")
+    play_tokens = [len(tokenizer.encode(t, add_special_tokens=False)) for t in (
+        "THE TINY PLAY\n\nPERSONS. Ann, Bob.",
+        "ACT I.\n\nSCENE I. A room.\n\nANN. The key is under the third stone by the well.",
+        "SCENE II. A garden.\n\nBOB. Then the well it is, and quickly.",
+        "ACT II.\n\nSCENE I. The well.\n\nANN. Here lies the stone, and under it the key.")]
+    note_tokens = [len(tokenizer.encode(t, add_special_tokens=False)) for t in ("A note about wells.", "A note about keys.")]
+    assert field(output, "documents").startswith(f"6 from 2 works, {sum(play_tokens) + sum(note_tokens):,} tokens")
+    assert field(output, "clusters").startswith("2,")  # everything fits: one cluster per work
+    sizes = sorted([sum(play_tokens), sum(note_tokens)])
+    assert field(output, "tokens per cluster") == f"min {sizes[0]:,}  median {sum(sizes) / 2:,.0f}  max {sizes[1]:,}"
+    assert "the self-play loop is not implemented yet" in output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["data"]["ctx"] == 6144 and saved["model"]["name"] == str(folder) and saved["seed"] == 3
+
+
+def test_python_dash_m_entry_points():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for module in ("spell_core.run", "spell_core"):
+        result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        assert all(option in result.stdout for option in ("--ctx", "--model", "--corpus", "--out", "--seed", "--device"))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ctx", "12q"], "argument --ctx: context length '12q' is not understood"),
+        (["--ctx", "4k"], "a context of 4096 tokens leaves no room for documents"),
+        (["--device", "tpu"], "argument --device: device 'tpu'"),
+        (["--seed", "x"], "argument --seed: invalid int value"),
+    ],
+)
+def test_bad_arguments_exit_2_with_the_reason(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "nope"), "--corpus", str(tmp_path), "--device", "cpu"]) == 1
+    assert f"spell: error: model '{tmp_path / 'nope'}' is neither a known alias" in capsys.readouterr().err
+
+
+def test_empty_corpus_is_a_clear_error(tiny_model, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = main(["--model", str(tiny_model[0]), "--corpus", str(empty), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert code == 1
+    assert "spell: error: corpus folder" in capsys.readouterr().err
