@@ -11,8 +11,9 @@ tokens. SPELL_BENCH_FULL=1: N = 16384, the issue's CPU target (naive peaks near 
 Time: pytest-benchmark on the fused variant; the naive baseline runs in the benchmark's
 untimed setup before every round, so both see the same machine load; the ratio is printed
 and stored in extra_info. Peak memory: each variant runs once in its own subprocess (this
-file as a script), which reports its RSS high-water mark (CPU, ru_maxrss) or
-torch.cuda.max_memory_allocated (CUDA) minus the level after allocating the inputs.
+file as a script), which reports its RSS high-water mark (CPU: VmHWM, reset after the
+inputs are allocated) or torch.cuda.max_memory_allocated (CUDA) minus the level after
+allocating the inputs.
 
 As a script (used for the memory runs and by bench/gpu_logprob.sh):
   python bench/test_bench_logprob.py --variant fused --tokens 2048 [--device cuda --dtype bf16]
@@ -22,7 +23,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -83,9 +83,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak_rss():
+    """Reset VmHWM to the current RSS (Linux >= 4.0). ru_maxrss would not do: it carries the
+    parent's high-water mark across fork + exec."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def measure(name, tokens, hidden, vocab, dtype, device, reps, threads=0):
@@ -100,9 +110,10 @@ def measure(name, tokens, hidden, vocab, dtype, device, reps, threads=0):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_bytes()
+        _reset_peak_rss()
+        base = _status_kb("VmRSS") * 1024
         # the high-water mark must not sit above the current level, or the peak is floored
-        slack = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        slack = _status_kb("VmHWM") * 1024 - base
     times, cpu_times = [], []
     for rep in range(reps):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -114,7 +125,7 @@ def measure(name, tokens, hidden, vocab, dtype, device, reps, threads=0):
             if device == "cuda":
                 peak = torch.cuda.max_memory_allocated() - base
             else:
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+                peak = _status_kb("VmHWM") * 1024 - base
     out = {"variant": name, "peak_extra_bytes": int(peak), "best_s": min(times), "best_cpu_s": min(cpu_times),
            "times_s": times}
     if device != "cuda":

@@ -98,3 +98,70 @@ def attention_varlen_backward_from_lse(dout, q, k, v, out, lse, cu_seqlens_q, cu
         dk[k0:k1] = dkb.unflatten(0, (hkv, rep)).sum(1).transpose(0, 1)
         dv[k0:k1] = dvb.unflatten(0, (hkv, rep)).sum(1).transpose(0, 1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --- RL ops: oracles for logprob.py, policy_loss.py and advantages.py ---------------------
+
+LOG_RATIO_CLAMP = 20.0  # |log(pi / pi_old)| bound before exp in the PPO ratio
+
+
+def linear_logprob(hidden, weight, targets, temperature=1.0, ignore_index=-100):
+    """(logprobs, entropy) of softmax(hidden @ weight.T / temperature), from the full logits.
+
+    Differentiable by autograd; 0 where the target is ignore_index."""
+    cdt = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+    logits = (hidden.to(cdt) @ weight.to(cdt).T) / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    valid = targets != ignore_index
+    logp = logp_all.gather(-1, torch.where(valid, targets, 0).long()[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    zero = torch.zeros((), dtype=cdt, device=hidden.device)
+    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+
+
+def ppo_clip_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, dual_clip=None,
+                  agg="token-mean", seq_ids=None, denominator=None):
+    """PPO-clip surrogate (Schulman et al. 2017) with asymmetric clip (DAPO) and dual clip
+    (Ye et al. 2020), aggregated by loops over sequences. Differentiable by autograd.
+
+    per token: max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), and for A < 0 also
+    min(., -A dual_clip); r = exp(clamp(logp - old_logp, +-LOG_RATIO_CLAMP)).
+    token-mean: sum over masked tokens / their count; seq-mean-token-mean: mean over
+    sequences of each sequence's token mean; seq-mean-token-sum: mean over sequences of each
+    sequence's token sum. denominator replaces the count of tokens (or sequences)."""
+    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    per_token = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high))
+    if dual_clip is not None:
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, -advantages * dual_clip), per_token)
+    mask = mask.bool()
+    if agg == "token-mean":
+        count = denominator if denominator is not None else int(mask.sum())
+        return per_token[mask].sum() / max(count, 1)
+    seq_terms = []
+    for s in sorted(set(seq_ids.tolist())):
+        tokens = (seq_ids == s) & mask
+        if not bool(tokens.any()):
+            continue
+        total = per_token[tokens].sum()
+        seq_terms.append(total / int(tokens.sum()) if agg == "seq-mean-token-mean" else total)
+    count = denominator if denominator is not None else len(seq_terms)
+    return sum(seq_terms, per_token.new_zeros(())) / max(count, 1)
+
+
+def group_advantages(rewards, group_ids, mode="grpo", eps=1e-6):
+    """Advantages by a loop over groups: grpo (Shao et al. 2024) (r - mean) / (std + eps)
+    with the unbiased std; dr_grpo (Liu et al. 2025) r - mean; batch: grpo over all rewards
+    as one group. A group of one gets 0."""
+    r = rewards.double().tolist()
+    ids = [0] * len(r) if mode == "batch" else group_ids.tolist()
+    out = [0.0] * len(r)
+    for g in set(ids):
+        members = [i for i, x in enumerate(ids) if x == g]
+        if len(members) < 2:
+            continue
+        vals = [r[i] for i in members]
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+        for i in members:
+            out[i] = r[i] - mean if mode == "dr_grpo" else (r[i] - mean) / (std + eps)
+    return torch.tensor(out, dtype=torch.float64)
