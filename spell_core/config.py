@@ -59,12 +59,38 @@ class SamplingOptions:
 
 
 @dataclass
+class LoopOptions:
+    """One self-play step (SPEC.md, "What trains"); G itself is `SamplingOptions.group_size`."""
+    questions: int = 128  # questioner prompts per generation round
+    kept_groups: int = 128  # N: responder groups with non-zero reward variance to collect
+    max_rounds: int = 4  # cap on generation rounds per step when N is not reached
+    verifier_group_size: int | None = None  # judgments per responder answer; None: G
+    negatives_ratio: float = 1.0  # questioner negatives per positive, per task type
+    verifier_share: float = 1.0  # verifier trajectories ≈ this × questioner positives
+    agreement_low: float = 0.51  # verifier groups kept when the share of judgments agreeing
+    agreement_high: float = 0.99  # with the majority lies in [low, high]
+    memory_capacity: int = 3  # L: questions remembered per (cluster, task type)
+    new_documents: int = 5  # m: fresh documents shown to the questioner
+    # new tokens per role; None: SamplingOptions.max_response_tokens
+    questioner_tokens: int | None = None
+    grounding_tokens: int | None = None
+    responder_tokens: int | None = None
+    verifier_tokens: int | None = None
+    questioner_reward: str = "gaussian"  # or the ablations "linear" (1 - r), "triangle" (1 - 2|r - 0.5|)
+    advantage_eps: float = 1e-6
+    kv_budget_tokens: int | None = None  # sampler KV cache size in tokens; None: everything at once
+
+
+@dataclass
 class RunConfig:
     model: ModelOptions = field(default_factory=ModelOptions)
     data: DataOptions = field(default_factory=DataOptions)
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    loop: LoopOptions = field(default_factory=LoopOptions)
     out: str = "runs/spell"
     seed: int = 0
+    steps: int = 70  # SPEC: ~70 steps in the original
+    save_every: int = 10  # checkpoint every this many steps (and always at exit)
 
     @property
     def cluster_budget(self) -> int:

@@ -150,6 +150,9 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # under autocast the fp32 norm weights promote q/k while v stays in the autocast dtype;
+        # attention kernels take one dtype (transformers' SDPA gets this from autocast itself)
+        q, k = q.to(v.dtype), k.to(v.dtype)
         return self.o_proj(attn(layer_idx, q, k, v).reshape(t, -1))
 
 

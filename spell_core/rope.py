@@ -134,6 +134,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate x (T, heads, head_dim) by cos/sin (T, head_dim), half-split layout (HF's)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    # in x's dtype, as transformers does: under bf16 autocast q/k must stay bf16 like v
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 

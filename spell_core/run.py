@@ -1,39 +1,90 @@
 """`python -m spell_core.run`: the command users type.
 
-For now it resolves the configuration, loads the model and the documents, builds the
-clusters and prints their statistics. The self-play loop is a later issue.
+Resolves the configuration (SPEC.md's defaults on a GPU, reduced ones on a CPU), loads the
+model and the documents, then runs self-play steps: `SelfPlay.step()` -> `Trainer.train_step`
+-> monitor -> a checkpoint every `--save-every` steps and at exit. `--resume` continues from
+the latest complete checkpoint. SIGINT / SIGTERM abandon the step in flight (or let a
+running optimizer step finish), save, and exit; a second signal stops at once.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import random
+import signal
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from spell_core.assets import AssetError
-from spell_core.config import DataOptions, ModelOptions, RunConfig, parse_ctx
+from spell_core.config import DataOptions, LoopOptions, ModelOptions, RunConfig, SamplingOptions, parse_ctx
 from spell_core.data import CorpusError
+
+# SPEC.md's scale (one GPU) and the reduced defaults that let `make run` finish a real step on
+# a 2-core CPU in about ten minutes with the embedded 135M model
+GPU_DEFAULTS = dict(ctx=16 * 1024, steps=70, questions=128, kept_groups=128, max_rounds=4, group_size=8,
+                    max_new_tokens=4096, micro_batch_tokens=32768, save_every=10)
+CPU_DEFAULTS = dict(ctx=2 * 1024, steps=1, questions=8, kept_groups=8, max_rounds=1, group_size=4,
+                    max_new_tokens=192, micro_batch_tokens=8192, save_every=1)
+KNOBS = ("ctx", "steps", "questions", "kept_groups", "max_rounds", "group_size", "max_new_tokens",
+         "micro_batch_tokens", "save_every")
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = RunConfig()
     parser = argparse.ArgumentParser(
         prog="python -m spell_core.run",
-        description="SPELL self-play RL on long documents (one model: questioner, responder, verifier).",
+        description="SPELL self-play RL on long documents (one model: questioner, responder, verifier). "
+                    "Options marked * default to SPEC.md's values on a GPU and to reduced values on a CPU "
+                    "(GPU / CPU shown).",
     )
-    parser.add_argument("--ctx", type=_ctx_argument, default=defaults.data.ctx,
-                        help="context length in tokens: 16k, 128k, 131072, 1m (default: 16k)")
+    def both(key):
+        return f"{GPU_DEFAULTS[key]} / {CPU_DEFAULTS[key]}"
+
+    parser.add_argument("--ctx", type=_ctx_argument, default=None,
+                        help="* context length in tokens (documents are clustered to fit it): 16k, 128k, 131072, 1m "
+                             "(default: 16k / 2k); RoPE scaling when longer than the model's native context")
     parser.add_argument("--model", default=defaults.model.name,
                         help=f"model alias or local Hugging Face checkpoint folder (default: {defaults.model.name})")
     parser.add_argument("--corpus", default=defaults.data.corpus,
                         help=f"corpus alias or folder of .txt/.md/.jsonl files (default: {defaults.data.corpus})")
-    parser.add_argument("--out", default=defaults.out, help=f"output folder of the run (default: {defaults.out})")
+    parser.add_argument("--out", default=defaults.out,
+                        help=f"run folder: config, metrics, plot, checkpoints (default: {defaults.out})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"random seed (default: {defaults.seed})")
     parser.add_argument("--device", type=_device_argument, default=defaults.model.device,
                         help="auto (cuda when available), cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--steps", type=_count(0), default=None, help=f"* self-play steps to run (default: {both('steps')})")
+    parser.add_argument("--questions", type=_count(1), default=None,
+                        help=f"* questions generated per round (default: {both('questions')})")
+    parser.add_argument("--kept-groups", type=_count(1), default=None,
+                        help=f"* N: responder groups with non-zero reward variance to collect per step "
+                             f"(default: {both('kept_groups')})")
+    parser.add_argument("--max-rounds", type=_count(1), default=None,
+                        help=f"* cap on generation rounds per step (default: {both('max_rounds')})")
+    parser.add_argument("--group-size", type=_count(1), default=None,
+                        help=f"* G: responder samples per question and verifier judgments per answer "
+                             f"(default: {both('group_size')})")
+    parser.add_argument("--max-new-tokens", type=_count(1), default=None,
+                        help=f"* longest response of every role, in tokens (default: {both('max_new_tokens')})")
+    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (default: 2e-6)")
+    parser.add_argument("--micro-batch-tokens", type=_count(1), default=None,
+                        help=f"* packed tokens per forward/backward pass (default: {both('micro_batch_tokens')})")
+    parser.add_argument("--save-every", type=_count(1), default=None,
+                        help=f"* checkpoint every this many steps, and always at exit (default: {both('save_every')})")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                        help="continue from the latest complete checkpoint in --out, or from the checkpoint PATH")
+    parser.add_argument("--kv-budget-tokens", type=_count(1), default=None,
+                        help="sampler KV cache size in tokens; prompts beyond it run in waves "
+                             "(default: everything at once on a CPU, half the free memory on a GPU)")
+    parser.add_argument("--questioner-reward", choices=("gaussian", "linear", "triangle"), default="gaussian",
+                        help="questioner reward: SPELL's gaussian, or the ablations linear (1 - r) and "
+                             "triangle (1 - 2|r - 0.5|) (default: gaussian)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--threads", type=_count(0), default=None,
+                        help="CPU threads of torch; 0: torch's default, one per core (default: 1 on a CPU run, "
+                             "where more threads on a busy machine are several times slower; 0 on a GPU run)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (summary lines only)")
     return parser
 
 
@@ -42,6 +93,18 @@ def _ctx_argument(text: str) -> int:
         return parse_ctx(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
 
 
 def _device_argument(text: str) -> str:
@@ -60,47 +123,255 @@ def _device_argument(text: str) -> str:
     return text
 
 
-def config_from_args(argv: list[str] | None = None) -> RunConfig:
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
+    """The run configuration and the parsed arguments; device-dependent options that were not
+    given take the GPU or CPU defaults (`args.reduced` lists the CPU ones that were used)."""
     args = build_parser().parse_args(argv)
-    return RunConfig(
-        model=ModelOptions(name=args.model, device=args.device),
+    device = _resolve_device(args.device)
+    table = GPU_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
+    args.reduced = []
+    if args.threads is None:
+        args.threads = 0 if table is GPU_DEFAULTS else 1
+    for key in KNOBS:
+        if getattr(args, key) is None:
+            setattr(args, key, table[key])
+            if table is CPU_DEFAULTS and CPU_DEFAULTS[key] != GPU_DEFAULTS[key]:
+                args.reduced.append(key)
+    config = RunConfig(
+        model=ModelOptions(name=args.model, device=device),
         data=DataOptions(corpus=args.corpus, ctx=args.ctx),
+        sampling=SamplingOptions(max_response_tokens=args.max_new_tokens, group_size=args.group_size),
+        loop=LoopOptions(questions=args.questions, kept_groups=args.kept_groups, max_rounds=args.max_rounds,
+                         questioner_reward=args.questioner_reward, kv_budget_tokens=args.kv_budget_tokens),
         out=args.out,
         seed=args.seed,
+        steps=args.steps,
+        save_every=args.save_every,
     )
+    return config, args
+
+
+def trainer_options(config: RunConfig, args: argparse.Namespace):
+    from spell_core.trainer import TrainerOptions
+
+    options = TrainerOptions(micro_batch_tokens=args.micro_batch_tokens, temperature=config.sampling.temperature,
+                             gradient_checkpointing=args.gradient_checkpointing)
+    if args.lr is not None:
+        options.lr = args.lr
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = config_from_args(argv)
+    config, args = config_from_args(argv)
+    parser = build_parser()
     try:
         budget = config.cluster_budget
     except ValueError as err:
-        build_parser().error(str(err))  # exits with status 2
+        parser.error(str(err))  # exits with status 2
+    train_options = trainer_options(config, args)
     print("spell: resolved configuration")
-    for key, value in _flatten(config.to_dict()):
-        print(f"  {key:<30} {value}")
+    for key, value in _flatten({**config.to_dict(), "trainer": asdict(train_options)}):
+        print(f"  {key:<34} {value}")
+    if args.reduced:
+        spec = " ".join(f"--{k.replace('_', '-')} {_spec_value(k)}" for k in args.reduced)
+        print(f"spell: no GPU: reduced CPU defaults for {', '.join(args.reduced)} so that a step finishes in "
+              f"minutes; the GPU defaults (SPEC.md's scale) are {spec}")
     try:
-        _show_model_and_documents(config, budget)
-    except (AssetError, CorpusError, ValueError) as err:  # bad model, corpus or checkpoint: no traceback
+        return _run(config, args, train_options, budget)
+    except (AssetError, CorpusError, ValueError) as err:  # bad model, corpus, checkpoint or option: no traceback
         print(f"spell: error: {err}", file=sys.stderr)
         return 1
-    print("\nspell: the self-play loop is not implemented yet (a later issue); nothing was trained.")
-    return 0
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the run loop started
+        print("\nspell: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
+        return 130
 
 
-def _show_model_and_documents(config: RunConfig, budget: int) -> None:
+def _spec_value(key: str) -> str:
+    value = GPU_DEFAULTS[key]
+    return f"{value // 1024}k" if key == "ctx" else str(value)
+
+
+def _run(config: RunConfig, args, train_options, budget: int) -> int:
+    import torch
+
+    torch.manual_seed(config.seed)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        print(f"threads     {args.threads} (--threads)")
+    try:
+        return _train(config, args, train_options, budget)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: RunConfig, args, train_options, budget: int) -> int:
+    import torch
+
+    from spell_core.loop import SelfPlay, StepAbandoned
+    from spell_core.monitor import Monitor
+
+    model, tokenizer, clusters = _load_model_and_documents(config, budget)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({**config.to_dict(), "trainer": asdict(train_options)},
+                                                indent=2) + "\n")
+    print(f"config      written to {out / 'config.json'}")
+    if config.steps == 0:
+        print("spell: --steps 0: nothing to train.")
+        return 0
+    if config.loop.kv_budget_tokens is None and str(next(model.parameters()).device).startswith("cuda"):
+        config.loop.kv_budget_tokens = _gpu_kv_budget(model)
+        print(f"kv cache    {config.loop.kv_budget_tokens:,} tokens (half the free GPU memory; --kv-budget-tokens)")
+
+    from spell_core import train_state
+    from spell_core.trainer import Trainer
+
+    trainer = Trainer(model, train_options)
+    stop = _StopFlag()
+    play = SelfPlay(model, tokenizer, clusters, config, should_stop=stop.is_set)
+    start_step = 0
+    if args.resume is not None:
+        path = train_state.find_latest(out) if args.resume == "latest" else Path(args.resume)
+        if path is None:
+            raise ValueError(f"--resume: no complete checkpoint in {out}; start without --resume, or pass a "
+                             "checkpoint folder: --resume PATH")
+        start_step, extra = train_state.load(path, model, trainer.optimizer)
+        play.load_state_dict(extra["self_play"])
+        print(f"resumed     from {path} at step {start_step}")
+    monitor = Monitor(out, config.steps, bars=not args.no_progress,
+                      resume_step=start_step if args.resume is not None else None)
+    play.observer = monitor
+
+    saved_step = start_step if args.resume is not None else None
+    step, exit_code = start_step, 0
+    with stop.installed():
+        while step < config.steps and not stop.is_set():
+            snapshot = play.state_dict()
+            began = time.perf_counter()
+            try:
+                metrics = _one_step(play, trainer, monitor, stop, step + 1)
+            except StepAbandoned:
+                play.load_state_dict(snapshot)  # as it was after the last completed step
+                break
+            except torch.cuda.OutOfMemoryError as err:
+                play.load_state_dict(snapshot)  # the update never ran: weights are those of the last step
+                print(f"spell: error: {err}\n{OOM_ADVICE}", file=sys.stderr)
+                exit_code = 1
+                break
+            step += 1
+            metrics["step_time_s"] = time.perf_counter() - began
+            monitor.log_step(metrics)
+            if step % config.save_every == 0 or step == config.steps:
+                _save(train_state, out, step, model, tokenizer, trainer, play, metrics)
+                saved_step = step
+        if saved_step != step:
+            _save(train_state, out, step, model, tokenizer, trainer, play,
+                  monitor.history[-1] if monitor.history else {})
+    if stop.signum is not None:
+        name = signal.Signals(stop.signum).name
+        print(f"spell: {name}: stopped after step {step} and saved; continue with --resume --out {out}")
+        return 128 + stop.signum
+    if exit_code == 0:
+        print(f"spell: done: {step} steps; metrics in {out / 'metrics.jsonl'}, plot in {out / 'metrics.png'}")
+    return exit_code
+
+
+def _one_step(play, trainer, monitor, stop, number: int) -> dict:
+    """Generate, select and train once; the step's metrics (loop's, then the trainer's as train_*)."""
+    result = play.step()
+    monitor.log_questions(number, result.questions)
+    metrics = dict(result.metrics)
+    if not result.trajectories:
+        print(f"spell: step {number}: nothing trainable (no responder group with reward variance, no "
+              "questioner sample to contrast); no update", file=sys.stderr)
+        return metrics | {"train_skipped": True, "train_skip_reason": "nothing trainable in this step"}
+    stop.defer = True  # an optimizer step is never cut in half
+    try:
+        with monitor.update(len(result.trajectories)):
+            train = trainer.train_step(result.trajectories)
+    finally:
+        stop.defer = False
+    if train.get("skipped"):
+        print(f"spell: step {number}: {train.get('skip_reason')}; the run continues", file=sys.stderr)
+    return metrics | {f"train_{k}": v for k, v in train.items()}
+
+
+OOM_ADVICE = ("spell: the GPU ran out of memory. Knobs, from the cheapest: --micro-batch-tokens (training "
+              "activations), --kv-budget-tokens (sampler KV cache), --gradient-checkpointing, --group-size, "
+              "--questions, --max-new-tokens, --ctx.")
+
+
+def _save(train_state, out: Path, step: int, model, tokenizer, trainer, play, metrics: dict) -> None:
+    began = time.perf_counter()
+    path = train_state.save(out, step, model, tokenizer, trainer.optimizer,
+                            {"self_play": play.state_dict(), "metrics": _plain(metrics)})
+    print(f"checkpoint  step {step} saved to {path} in {time.perf_counter() - began:.1f} s")
+
+
+def _plain(metrics: dict) -> dict:
+    return json.loads(json.dumps(metrics, default=str))
+
+
+def _gpu_kv_budget(model) -> int:
+    import torch
+
+    from spell_core.kv_cache import kv_bytes_per_token
+
+    free, _ = torch.cuda.mem_get_info()
+    weight = model.lm_head_weight
+    return max(1, int(free * 0.5) // kv_bytes_per_token(model.config, weight.dtype))
+
+
+class _StopFlag:
+    """Set by SIGINT / SIGTERM. While `defer` is true (the optimizer step) the signal only
+    sets the flag; a second signal outside it raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.defer = False
+
+    def is_set(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and not self.defer:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nspell: {signal.Signals(signum).name} received: stopping after saving "
+              "(send it again to stop at once, unsaved)", file=sys.stderr, flush=True)
+
+    def installed(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope():
+            previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+        return scope()
+
+
+def _load_model_and_documents(config: RunConfig, budget: int):
     import torch
 
     from spell_core.assets import resolve_corpus, resolve_model
     from spell_core.data import build_clusters, load_documents
     from spell_core.model import load_pretrained
+    from spell_core.rope import with_rope_scaling
 
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
     device = config.model.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-
     start = time.perf_counter()
     model_path = resolve_model(config.model.name)
     model, tokenizer = load_pretrained(model_path, device=device)
@@ -110,8 +381,13 @@ def _show_model_and_documents(config: RunConfig, budget: int) -> None:
           f"{next(model.parameters()).dtype}, {device}; loaded in {time.perf_counter() - start:.1f} s)")
     print(f"parameters  {n_params:,} ({n_params / 1e6:.1f} M)")
     print(f"vocabulary  {model.config.vocab_size:,} (tokenizer: {len(tokenizer):,} tokens)")
-    print(f"native ctx  {native_ctx:,} tokens" + (
-        f" (--ctx {config.data.ctx:,} is longer: needs RoPE scaling)" if config.data.ctx > native_ctx else ""))
+    if config.data.ctx > native_ctx:
+        model.config = with_rope_scaling(model.config, config.data.ctx)
+        rope = model.config.rope
+        print(f"native ctx  {native_ctx:,} tokens (--ctx {config.data.ctx:,} is longer: RoPE scaling applied, "
+              f"{rope['rope_type']} factor {rope['factor']:.2f})")
+    else:
+        print(f"native ctx  {native_ctx:,} tokens")
 
     start = time.perf_counter()
     corpus_path = resolve_corpus(config.data.corpus)
@@ -127,11 +403,7 @@ def _show_model_and_documents(config: RunConfig, budget: int) -> None:
           f"{config.data.prompt_tokens:,} − response {config.sampling.max_response_tokens:,}); "
           f"built in {time.perf_counter() - start:.1f} s")
     print(f"tokens per cluster  min {min(sizes):,}  median {statistics.median(sizes):,.0f}  max {max(sizes):,}")
-
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    print(f"config      written to {out / 'config.json'}")
+    return model, tokenizer, clusters
 
 
 def _flatten(values: dict, prefix: str = ""):

@@ -20,6 +20,13 @@ response token of the step (the token-mean is over all roles' tokens together, e
 across micro-batches), global L2 gradient clipping, AdamW. A non-finite loss or gradient
 skips the update (reported in the metrics). CUDA runs the decoder under bf16 autocast (the
 log-probs in the LM head's dtype); CPU runs in the model's dtype.
+
+Many ranks (`Trainer(model, options, topology)`, see spell_core/distributed.py): the model is
+sharded with FSDP2 over the world, `global_count` is summed over the data-parallel ranks, and
+with cp > 1 every micro-batch is split zigzag across the context-parallel group (planned
+without shared prefixes, `micro_batch_tokens` then counts each rank's share:
+spell_core/context_parallel.py). Loss, gradients and update equal the single-process step on
+the union of the ranks' trajectories (spell_core/data_parallel.py, tests/core/test_distributed.py).
 """
 from __future__ import annotations
 
@@ -196,9 +203,15 @@ class Trainer:
     """Owns the optimizer of `model`; the sampler keeps using the same model object, so each
     step's update is what the next step samples from."""
 
-    def __init__(self, model: CausalLM, options: TrainerOptions | None = None):
+    def __init__(self, model: CausalLM, options: TrainerOptions | None = None, topology=None):
         self.model = model
         self.options = options = options or TrainerOptions()
+        self.topology = topology  # spell_core.distributed.Topology; None: one process
+        self._distributed = topology is not None and topology.is_distributed
+        self._cp = topology.cp if topology is not None else 1
+        if self._distributed:
+            from spell_core.data_parallel import shard_model
+            shard_model(model, topology)  # before the optimizer: it must hold the sharded parameters
         if options.agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
             raise ValueError(f"agg={options.agg!r}: expected token-mean, seq-mean-token-mean or seq-mean-token-sum")
         if not options.temperature > 0:
@@ -219,11 +232,13 @@ class Trainer:
     def train_step(self, trajectories: list[Trajectory]) -> dict:
         """One optimizer step on all `trajectories`; returns the step's metrics (plain numbers)."""
         start = time.perf_counter()
+        if self.topology is not None:
+            self.topology.mark("train step")
         self.optimizer.zero_grad(set_to_none=True)
         metrics = self.accumulate_gradients(trajectories)
         if not metrics["skipped"]:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-            metrics["grad_norm"] = float(norm)
+            metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             if not math.isfinite(metrics["grad_norm"]):
                 metrics.update(skipped=True, skip_reason="non-finite gradient (NaN/Inf): update skipped")
             else:
@@ -240,17 +255,21 @@ class Trainer:
         """Forward and backward every micro-batch, adding into .grad (no optimizer step).
         Returns the metrics of train_step except grad_norm, lr and step_time_s."""
         opts = self.options
-        micro_batches = plan_micro_batches(trajectories, opts.micro_batch_tokens, opts.shared_prefix, self.device,
-                                           self.quadratic_weight)
+        # under context parallelism a micro-batch is split over cp ranks (and holds no shared prefix)
+        micro_batches = plan_micro_batches(trajectories, opts.micro_batch_tokens * self._cp,
+                                           opts.shared_prefix and self._cp == 1, self.device, self.quadratic_weight)
         self._check_token_ids(trajectories, micro_batches)
         metrics = _count_metrics(trajectories, micro_batches)
-        if not micro_batches:
-            return metrics | {"skipped": True, "skip_reason": "nothing trainable: no trajectory with response tokens",
-                              "loss": 0.0}
         if opts.agg == "token-mean":
             global_count = metrics["tokens_trained"]
         else:
             global_count = sum(len(mb.trajectories) for mb in micro_batches)
+        if self._distributed:  # the CP ranks of a data-parallel group share their trajectories: count them once
+            from spell_core.data_parallel import all_reduce_sum
+            global_count = round(all_reduce_sum(global_count, self.topology, self.topology.dp_group))
+        if not micro_batches and not (self._distributed and global_count > 0):
+            return metrics | {"skipped": True, "skip_reason": "nothing trainable: no trajectory with response tokens",
+                              "loss": 0.0}
         self.model.train()
         oom_detail = None
         try:
@@ -270,28 +289,12 @@ class Trainer:
         return metrics | {"skipped": True, "skip_reason": "non-finite loss (NaN/Inf): update skipped"}
 
     def _forward_backward(self, micro_batches: list[MicroBatch], global_count: int):
-        opts = self.options
+        if self._distributed:
+            from spell_core.data_parallel import forward_backward
+            return forward_backward(self, micro_batches, global_count)
         total, stats = 0.0, []
         for mb in micro_batches:
-            if mb.has_groups:
-                attn = SharedPrefixAttention(mb.layout)
-            else:
-                attn = VarlenCausalAttention(mb.layout.cu_seqlens, mb.layout.max_seqlen)
-            if self.autocast:
-                attn = _OneDtypeAttention(attn)
-            context = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
-            with context:
-                hidden = self.model.forward_hidden(mb.input_ids, mb.layout.cu_seqlens, mb.layout.position_ids,
-                                                   attn=attn)
-            weight = self.model.lm_head_weight
-            # log-probs in the head's own precision, outside autocast: the PPO ratio compares them with
-            # the sampler's, and bf16 logits (3 significant digits) would move it by a good part of the clip
-            loss, mb_stats = spell_kernels.policy_loss(
-                hidden[mb.pred_rows].to(weight.dtype), weight, mb.targets,
-                mb.old_logprobs if opts.use_sampler_logprobs else None, mb.advantages,
-                torch.ones_like(mb.targets, dtype=torch.bool), clip_low=opts.clip_low, clip_high=opts.clip_high,
-                dual_clip=opts.dual_clip, agg=opts.agg, temperature=opts.temperature,
-                return_entropy=opts.entropy, cu_seqlens=mb.resp_cu_seqlens, global_count=global_count)
+            loss, mb_stats = self._micro_batch_loss(mb, global_count)
             value = float(loss.detach())
             if not math.isfinite(value):
                 return value, stats, False  # the other micro-batches cannot make this step usable
@@ -299,6 +302,31 @@ class Trainer:
             total += value
             stats.append(mb_stats)
         return total, stats, True
+
+    def _micro_batch_loss(self, mb: MicroBatch, global_count: int):
+        """(loss, stats) of one micro-batch, before backward."""
+        opts = self.options
+        if self._cp > 1:
+            from spell_core.context_parallel import micro_batch_loss
+            return micro_batch_loss(self, mb, global_count)
+        if mb.has_groups:
+            attn = SharedPrefixAttention(mb.layout)
+        else:
+            attn = VarlenCausalAttention(mb.layout.cu_seqlens, mb.layout.max_seqlen)
+        context = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+        with context:
+            hidden = self.model.forward_hidden(mb.input_ids, mb.layout.cu_seqlens, mb.layout.position_ids,
+                                               attn=attn)
+        weight = self.model.lm_head_weight
+        # log-probs in the head's own precision, outside autocast: the PPO ratio compares them with
+        # the sampler's, and bf16 logits (3 significant digits) would move it by a good part of the clip
+        loss, mb_stats = spell_kernels.policy_loss(
+            hidden[mb.pred_rows].to(weight.dtype), weight, mb.targets,
+            mb.old_logprobs if opts.use_sampler_logprobs else None, mb.advantages,
+            torch.ones_like(mb.targets, dtype=torch.bool), clip_low=opts.clip_low, clip_high=opts.clip_high,
+            dual_clip=opts.dual_clip, agg=opts.agg, temperature=opts.temperature,
+            return_entropy=opts.entropy, cu_seqlens=mb.resp_cu_seqlens, global_count=global_count)
+        return loss, mb_stats
 
     def _check_token_ids(self, trajectories: list[Trajectory], micro_batches: list[MicroBatch]) -> None:
         vocab = self.model.config.vocab_size
@@ -310,17 +338,6 @@ class Trainer:
                     bad = next(x for x in ids if not 0 <= x < vocab)
                     raise ValueError(f"trajectory {i} ({t.role}): {what} holds token id {bad}, outside the model's "
                                      f"vocabulary [0, {vocab}); was it tokenized for another model?")
-
-
-class _OneDtypeAttention:
-    """Under autocast, v leaves its projection in bf16 while RoPE (cos/sin in the fp32 residual
-    stream's dtype) promotes q and k back to fp32; the attention kernels take one dtype."""
-
-    def __init__(self, attn):
-        self.attn = attn
-
-    def __call__(self, layer_idx, q, k, v):
-        return self.attn(layer_idx, q.to(v.dtype), k.to(v.dtype), v)
 
 
 def _count_metrics(trajectories: list[Trajectory], micro_batches: list[MicroBatch]) -> dict:

@@ -1,4 +1,5 @@
-"""`python -m spell_core.run` skeleton on a tiny model and a tiny corpus."""
+"""`python -m spell_core.run` configuration, statistics and argument errors on a tiny model and corpus
+(the self-play loop itself: test_run.py)."""
 import json
 import os
 import re
@@ -74,7 +75,7 @@ def test_cli_prints_configuration_and_statistics_then_stops(tiny_model, tiny_cor
     folder, n_params, tokenizer = tiny_model
     out = tmp_path / "run"
     argv = ["--model", str(folder), "--corpus", str(tiny_corpus), "--ctx", "6k", "--out", str(out),
-            "--seed", "3", "--device", "cpu"]
+            "--seed", "3", "--device", "cpu", "--max-new-tokens", "4096", "--steps", "0"]
     assert main(argv) == 0
     output = capsys.readouterr().out
 
@@ -96,7 +97,7 @@ def test_cli_prints_configuration_and_statistics_then_stops(tiny_model, tiny_cor
     assert field(output, "clusters").startswith("2,")  # everything fits: one cluster per work
     sizes = sorted([sum(play_tokens), sum(note_tokens)])
     assert field(output, "tokens per cluster") == f"min {sizes[0]:,}  median {sum(sizes) / 2:,.0f}  max {sizes[1]:,}"
-    assert "the self-play loop is not implemented yet" in output
+    assert "--steps 0: nothing to train" in output
     saved = json.loads((out / "config.json").read_text())
     assert saved["data"]["ctx"] == 6144 and saved["model"]["name"] == str(folder) and saved["seed"] == 3
 
@@ -113,7 +114,7 @@ def test_python_dash_m_entry_points():
     "argv, message",
     [
         (["--ctx", "12q"], "argument --ctx: context length '12q' is not understood"),
-        (["--ctx", "4k"], "a context of 4096 tokens leaves no room for documents"),
+        (["--ctx", "4k", "--max-new-tokens", "4096"], "a context of 4096 tokens leaves no room for documents"),
         (["--device", "tpu"], "argument --device: device 'tpu'"),
         (["--seed", "x"], "argument --seed: invalid int value"),
     ],

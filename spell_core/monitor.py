@@ -1,0 +1,254 @@
+"""What the user sees during a run: a progress bar per stage, one summary line per step,
+`metrics.jsonl` and `metrics.png` in the run folder, GPU telemetry when there is a GPU.
+
+    monitor = Monitor(out_dir, total_steps)
+    with monitor.stage("responder", prompts=4, samples=32) as hook: generate(..., progress=hook)
+    line = monitor.log_step(metrics)     # prints the summary, appends metrics.jsonl, redraws the plot
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+QUESTIONS_FILE = "questions.jsonl"
+PLOT_FILE = "metrics.png"
+ROLES = ("questioner", "responder", "verifier")
+
+
+class GpuTelemetry:
+    """Memory, utilisation and power of the current GPU through nvidia-ml-py; an empty dict
+    (and no message) without a GPU, without the library or when NVML fails."""
+
+    def __init__(self, device_index: int | None = None):
+        self._handle = None
+        try:
+            import torch
+            if not torch.cuda.is_available():
+                return
+            import pynvml
+            pynvml.nvmlInit()
+            index = torch.cuda.current_device() if device_index is None else device_index
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._nvml = pynvml
+        except Exception:  # ImportError, pynvml.NVMLError (no driver), ...: telemetry is optional
+            self._handle = None
+
+    def sample(self) -> dict:
+        if self._handle is None:
+            return {}
+        nvml = self._nvml
+        try:
+            memory = nvml.nvmlDeviceGetMemoryInfo(self._handle)
+            util = nvml.nvmlDeviceGetUtilizationRates(self._handle)
+            power = nvml.nvmlDeviceGetPowerUsage(self._handle)  # milliwatts
+        except nvml.NVMLError:
+            return {}
+        return {"gpu_memory_used_gib": memory.used / 2**30, "gpu_memory_total_gib": memory.total / 2**30,
+                "gpu_utilization_pct": float(util.gpu), "gpu_power_w": power / 1000.0}
+
+
+class Monitor:
+    def __init__(self, out_dir, total_steps: int, *, bars: bool = True, stream=None, plot: bool = True,
+                 resume_step: int | None = None):
+        """resume_step: continuing a run from this step: metrics.jsonl keeps the lines of
+        steps <= resume_step (a later line belongs to steps that are being redone)."""
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.total_steps = total_steps
+        self.bars, self.plot_enabled = bars, plot
+        self.stream = stream or sys.stderr
+        self.telemetry = GpuTelemetry()
+        self.history: list[dict] = []
+        path = self.out / METRICS_FILE
+        if resume_step is not None and path.exists():
+            kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.history = [m for m in kept if m.get("step", 0) <= resume_step]
+            _write_atomic(path, "".join(json.dumps(m) + "\n" for m in self.history))
+            questions = self.out / QUESTIONS_FILE
+            if questions.exists():
+                kept = [line for line in questions.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                _write_atomic(questions, "".join(line + "\n" for line in kept))
+        elif resume_step is None:
+            for name in (METRICS_FILE, QUESTIONS_FILE):  # a fresh run in an old folder starts fresh logs
+                (self.out / name).unlink(missing_ok=True)
+
+    # --- progress bars ------------------------------------------------------------------
+
+    def stage(self, name: str, prompts: int, samples: int):
+        """A bar of generated tokens for one generation stage; yields the sampler's progress hook."""
+        return progress_bar(name, prompts, samples, enabled=self.bars, stream=self.stream)
+
+    @contextlib.contextmanager
+    def update(self, trajectories: int):
+        """A bar for the optimizer step (one tick when it is done)."""
+        if not self.bars:
+            yield
+            return
+        from tqdm import tqdm
+
+        bar = tqdm(total=1, desc=f"{'update':<10}", unit="step", leave=False, file=self.stream,
+                   postfix=f"{trajectories} trajectories", dynamic_ncols=True)
+        try:
+            yield
+            bar.update(1)
+        finally:
+            bar.close()
+
+    # --- after each step ----------------------------------------------------------------
+
+    def log_questions(self, step: int, questions) -> None:
+        """Append what became of every question of the step to questions.jsonl (the texts the
+        model wrote are the first thing to read when rewards stay flat)."""
+        with open(self.out / QUESTIONS_FILE, "a") as f:
+            for q in questions:
+                f.write(json.dumps(question_record(step, q), default=_jsonable) + "\n")
+
+    def log_step(self, metrics: dict) -> str:
+        """Print the step's summary line, append its metrics (plus GPU telemetry) to
+        metrics.jsonl and redraw the plot. Returns the summary line."""
+        record = {**metrics, **self.telemetry.sample()}
+        self.history.append(record)
+        with open(self.out / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record, default=_jsonable) + "\n")
+        line = summary_line(record, self.total_steps)
+        print(line, file=sys.stdout, flush=True)
+        if self.plot_enabled:
+            plot_metrics(self.history, self.out / PLOT_FILE)
+        return line
+
+
+@contextlib.contextmanager
+def progress_bar(name: str, prompts: int, samples: int, *, enabled: bool = True, stream=None):
+    """A tqdm bar of the tokens generated by one `generate` call, with the prompt and sample
+    counts, live samples and the prefill rate; yields the sampler's progress hook (None when
+    disabled)."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(desc=f"{name:<10}", unit="tok", leave=False, file=stream or sys.stderr, dynamic_ncols=True)
+    prefill = {"tokens": 0, "seconds": 0.0}
+
+    def hook(event):
+        if event.stage == "prefill":
+            prefill["tokens"] += event.tokens
+            prefill["seconds"] += event.seconds
+        else:
+            bar.update(event.tokens)
+        rate = prefill["tokens"] / max(prefill["seconds"], 1e-9)
+        bar.set_postfix_str(f"{prompts} prompts, {samples} samples, {event.live} live, "
+                            f"prefill {prefill['tokens']} tok at {rate:.0f} tok/s", refresh=False)
+
+    try:
+        yield hook
+    finally:
+        bar.close()
+
+
+def question_record(step: int, q) -> dict:
+    """One question of a step (`spell_core.rollout.Question`) as a JSON-able dict."""
+    record = {"step": step, "id": q.id, "task_type": q.task_type, "cluster": q.cluster_id, "status": str(q.status),
+              "reason": q.reason, "questioner_reward": q.reward, "questioner_output": q.sample.text}
+    if q.task is not None:
+        record.update(question=q.task.question, answer=q.task.answer, options=q.task.options)
+    if q.responder is not None:
+        record.update(responder_answers=q.responder.answers, rule_rewards=q.responder.rule_rewards,
+                      verifier_majorities=q.responder.majorities, responder_rewards=q.responder.rewards)
+    return record
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _kilo(n: int) -> str:
+    return f"{n / 1000:.1f}k" if n >= 1000 else str(n)
+
+
+def summary_line(m: dict, total_steps: int | None = None) -> str:
+    """One line per step: rewards per role, the question pass-rate histogram (number of
+    responder groups with k of G answers rewarded, k = 0..G), kept groups, question
+    outcomes, tokens generated and trained, step time."""
+    step = f"step {m['step']}" + (f"/{total_steps}" if total_steps else "")
+    rewards = " ".join(f"{role[0].upper()} {_fmt(m.get(f'reward_{role}'))}" for role in ROLES)
+    hist = " ".join(str(c) for c in m.get("pass_rate_histogram", []))
+    trained = m.get("train_tokens_trained", m.get("tokens_to_train", 0))
+    parts = [
+        step,
+        f"reward {rewards}",
+        f"pass@G hist [{hist}]",
+        f"kept {m.get('kept_groups', 0)}/{m.get('responder_groups', 0)} groups",
+        f"questions {m.get('questions', 0)} (bad_format {m.get('questions_bad_format', 0)}, "
+        f"bad_ground {m.get('questions_bad_ground', 0)}, discarded {m.get('questions_discarded', 0)})",
+        f"traj Q/R/V {m.get('trajectories_questioner', 0)}/{m.get('trajectories_responder', 0)}/"
+        f"{m.get('trajectories_verifier', 0)}",
+        f"tokens gen {_kilo(m.get('tokens_generated', 0))} trained {_kilo(trained)}",
+        f"{m.get('step_time_s', 0.0):.1f} s",
+    ]
+    if m.get("train_skipped"):
+        parts.append(f"update skipped: {m.get('train_skip_reason')}")
+    if "gpu_memory_used_gib" in m:
+        parts.append(f"gpu {m['gpu_memory_used_gib']:.1f} GiB {m['gpu_utilization_pct']:.0f}% "
+                     f"{m['gpu_power_w']:.0f} W")
+    return " | ".join(parts)
+
+
+def plot_metrics(history: list[dict], path) -> None:
+    """Per-role mean rewards and the shares of responder groups solved by none, some and all
+    of their G answers, over steps; written atomically (PNG, Agg backend)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in history]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for role in ROLES:
+        top.plot(steps, [_nan(m.get(f"reward_{role}")) for m in history], marker="o", label=role)
+    top.set_ylabel("mean reward")
+    top.legend(loc="best", fontsize="small")
+    top.grid(alpha=0.3)
+    shares = {"none solved (0/G)": [], "some solved": [], "all solved (G/G)": []}
+    for m in history:
+        hist = m.get("pass_rate_histogram") or [0]
+        total = sum(hist)
+        values = (hist[0], sum(hist[1:-1]), hist[-1]) if len(hist) > 1 else (0, 0, 0)
+        for key, value in zip(shares, values):
+            shares[key].append(value / total if total else float("nan"))
+    for key, values in shares.items():
+        bottom.plot(steps, values, marker="o", label=key)
+    bottom.set_ylabel("share of questions")
+    bottom.set_xlabel("step")
+    bottom.set_ylim(-0.05, 1.05)
+    bottom.legend(loc="best", fontsize="small")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _nan(value):
+    return float("nan") if value is None else value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,99 @@
+"""The monitor: metrics.jsonl, the plot, the summary line, GPU telemetry that stays silent
+without a GPU or without NVML, and the progress hook fed by sampler events."""
+import json
+import sys
+import types
+
+import pytest
+
+from spell_core.monitor import GpuTelemetry, Monitor, progress_bar, summary_line
+from spell_core.sampler import ProgressEvent
+
+
+def metrics(step, **extra):
+    return {"step": step, "reward_questioner": 0.1 * step, "reward_responder": 0.5, "reward_verifier": None,
+            "pass_rate_histogram": [1, 2, 0, 1, 0], "kept_groups": 2, "responder_groups": 4, "questions": 6,
+            "questions_bad_format": 1, "questions_bad_ground": 1, "questions_discarded": 0,
+            "trajectories_questioner": 4, "trajectories_responder": 8, "trajectories_verifier": 4,
+            "tokens_generated": 12345, "train_tokens_trained": 999, "step_time_s": 61.25, **extra}
+
+
+def test_summary_line_reads_every_number():
+    line = summary_line(metrics(3), total_steps=10)
+    assert line == ("step 3/10 | reward Q 0.30 R 0.50 V - | pass@G hist [1 2 0 1 0] | kept 2/4 groups | "
+                    "questions 6 (bad_format 1, bad_ground 1, discarded 0) | traj Q/R/V 4/8/4 | "
+                    "tokens gen 12.3k trained 999 | 61.2 s")
+    skipped = summary_line(metrics(1, train_skipped=True, train_skip_reason="non-finite loss (NaN/Inf)"))
+    assert skipped.endswith("| update skipped: non-finite loss (NaN/Inf)")
+
+
+def test_jsonl_and_png_after_two_steps_and_resume_truncation(tmp_path, capsys):
+    monitor = Monitor(tmp_path, 3, bars=False)
+    for step in (1, 2, 3):
+        monitor.log_step(metrics(step))
+    assert capsys.readouterr().out.count("step ") == 3
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3] and lines[1]["pass_rate_histogram"] == [1, 2, 0, 1, 0]
+    import matplotlib.image
+    image = matplotlib.image.imread(tmp_path / "metrics.png")
+    assert image.ndim == 3 and image.shape[0] > 100
+    # resuming from step 2 drops the log of step 3 (it is redone); a fresh run starts a fresh log
+    resumed = Monitor(tmp_path, 3, bars=False, resume_step=2)
+    assert [m["step"] for m in resumed.history] == [1, 2]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    Monitor(tmp_path, 3, bars=False)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_telemetry_is_empty_and_silent_on_cpu(capsys):
+    assert GpuTelemetry().sample() == {}
+    assert capsys.readouterr() == ("", "")
+
+
+def test_telemetry_is_silent_when_nvml_fails(monkeypatch, capsys):
+    class NVMLError(Exception):
+        pass
+
+    def fail():
+        raise NVMLError("Driver Not Loaded")
+
+    fake = types.SimpleNamespace(NVMLError=NVMLError, nvmlInit=fail)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.current_device", lambda: 0)
+    assert GpuTelemetry().sample() == {}
+    assert capsys.readouterr() == ("", "")
+
+
+def test_telemetry_reads_nvml(monkeypatch):
+    class NVMLError(Exception):
+        pass
+
+    fake = types.SimpleNamespace(
+        NVMLError=NVMLError, nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: f"gpu{i}",
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=3 * 2**30, total=80 * 2**30),
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=97),
+        nvmlDeviceGetPowerUsage=lambda h: 512_000)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.current_device", lambda: 0)
+    assert GpuTelemetry().sample() == {"gpu_memory_used_gib": 3.0, "gpu_memory_total_gib": 80.0,
+                                       "gpu_utilization_pct": 97.0, "gpu_power_w": 512.0}
+
+
+def test_progress_hook_counts_generated_tokens(capsys):
+    import io
+    stream = io.StringIO()
+    with progress_bar("responder", prompts=2, samples=8, stream=stream) as hook:
+        hook(ProgressEvent("prefill", 1000, 0.5, 8, 0))
+        hook(ProgressEvent("decode", 8, 0.1, 8, 0))
+        hook(ProgressEvent("decode", 6, 0.1, 6, 0))
+    text = stream.getvalue()
+    assert "responder" in text
+    with progress_bar("x", 1, 1, enabled=False) as hook:
+        assert hook is None
+
+
+@pytest.mark.parametrize("value", [None, float("nan")])
+def test_missing_rewards_print_a_dash(value):
+    assert "reward Q - R - V -" in summary_line(metrics(1, reward_questioner=value, reward_responder=value))
