@@ -72,7 +72,7 @@ def check_shared_prefix(dtype):
     layout = layout.to(dev)
     gen = torch.Generator(device=dev).manual_seed(1)
     t, hq, hkv, d = layout.num_tokens, 9, 3, 64
-    q, k, v = rand(t, hq, d, dtype=dtype, gen=gen), rand(t, hkv, d, dtype=dtype, gen=gen), rand(t, hkv, d, dtype=dtype, gen=gen)
+    q, k, v = (rand(t, h, d, dtype=dtype, gen=gen) for h in (hq, hkv, hkv))
     qg, kg, vg = (x.clone().requires_grad_(True) for x in (q, k, v))
     out = sk.shared_prefix_attn_func(qg, kg, vg, layout.cu_seqlens, layout.max_seqlen, layout.parent)
     dout = rand(t, hq, d, dtype=dtype, gen=gen)
@@ -175,7 +175,7 @@ def matmul_peak():
 
 
 def attention_rates(length, heads=16, d=128, dtype=torch.bfloat16):
-    batch = max(1, 65536 // length)
+    batch = max(1, 65536 // length) if not dry else 2
     gen = torch.Generator(device=dev).manual_seed(3)
     q, k, v, dout = (rand(batch * length, heads, d, dtype=dtype, gen=gen) for _ in range(4))
     cu = torch.arange(batch + 1, device=dev, dtype=torch.int32) * length
@@ -218,7 +218,8 @@ def shared_prefix_ratio(prefix=8192, g=8, resp=512, heads=16, d=128):
     gen = torch.Generator(device=dev).manual_seed(4)
     q, k, v, dout = (rand(layout.num_tokens, heads, d, dtype=low, gen=gen) for _ in range(4))
     q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)
-    index = torch.cat([torch.cat([torch.arange(prefix), prefix + i * resp + torch.arange(resp)]) for i in range(g)]).to(dev)
+    index = torch.cat([torch.cat([torch.arange(prefix), prefix + i * resp + torch.arange(resp)])
+                       for i in range(g)]).to(dev)
     cu = torch.arange(g + 1, dtype=torch.int32, device=dev) * (prefix + resp)
     t_shared = timed(lambda: sk.shared_prefix_attn_func(q, k, v, layout.cu_seqlens, layout.max_seqlen,
                                                           layout.parent).backward(dout))
@@ -230,7 +231,8 @@ def shared_prefix_ratio(prefix=8192, g=8, resp=512, heads=16, d=128):
 print("\n## throughput (TFLOP/s; causal, D=128, 16 heads, bf16; batch = 64k / L sequences)")
 peak = matmul_peak()
 print(f"bf16 matmul peak (8192^3): {peak:.0f} TFLOP/s")
-print("| L | batch | ours fwd | SDPA fwd | ours/SDPA | ours fwd+bwd | SDPA fwd+bwd | ours/SDPA | fwd % of matmul peak |")
+print("| L | batch | ours fwd | SDPA fwd | ours/SDPA | ours fwd+bwd | SDPA fwd+bwd | ours/SDPA "
+      "| fwd % of matmul peak |")
 print("|---|---|---|---|---|---|---|---|---|")
 for length in ([4096, 8192, 16384, 32768, 65536, 131072] if not dry else [64, 128]):
     batch, r = attention_rates(length, **({} if not dry else dict(heads=2, dtype=torch.float16)))
@@ -257,12 +259,12 @@ if os.environ.get("SWEEP") == "1":
                dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
                dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)],
     }
-    length = 16384 if not dry else 64
+    length, batch = (16384, 4) if not dry else (64, 1)
     gen = torch.Generator(device=dev).manual_seed(5)
-    q, k, v, dout = (rand(4 * length, 16 if not dry else 2, 128, dtype=low, gen=gen) for _ in range(4))
-    cu = torch.arange(5, dtype=torch.int32, device=dev) * length
+    q, k, v, dout = (rand(batch * length, 16 if not dry else 2, 128, dtype=low, gen=gen) for _ in range(4))
+    cu = torch.arange(batch + 1, dtype=torch.int32, device=dev) * length
     out, lse = flash_attn.varlen_forward(q, k, v, cu, cu, length, length, None, True)
-    print(f"\n## config sweep at L={length}, batch 4, head dim 128 (ms; lower is better)")
+    print(f"\n## config sweep at L={length}, batch {batch}, head dim 128 (ms; lower is better)")
     for kind, configs in candidates.items():
         shipped = dict(flash_attn.GPU_CONFIGS[kind][128])
         for cfg in configs:

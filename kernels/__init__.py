@@ -12,9 +12,16 @@ _EXPORTS = {
     # attention
     "flash_attn_varlen_func": "flash_attn",
     "shared_prefix_attn_func": "shared_prefix",
+    "SharedPrefixLayout": "shared_prefix",
+    "SharedPrefixAttention": "shared_prefix",
     "decode_attn_shared_prefix": "decode_attn",
     "merge_attn_states": "lse_merge",
     "ring_flash_attn_varlen_func": "ring_attn",
+    "zigzag_shard": "ring_attn",
+    "zigzag_unshard": "ring_attn",
+    "zigzag_pad": "ring_attn",
+    "zigzag_unpad": "ring_attn",
+    "zigzag_cu_seqlens": "ring_attn",
     # RL ops
     "fused_linear_logprob": "logprob",
     "policy_loss": "policy_loss",

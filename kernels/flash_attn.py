@@ -1,32 +1,618 @@
-"""Varlen flash attention. PLACEHOLDER until the Triton kernel lands: the public function
-runs the reference (differentiable through autograd) so the engine can be built on it.
+"""Varlen flash attention: Triton forward and backward, dispatched to a PyTorch CPU path.
 
 Stable names other modules rely on:
   flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          softmax_scale=None, causal=False, return_lse=False)
   varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                 softmax_scale, causal) -> (out, lse (Hq, total_q) fp32)
+                 softmax_scale, causal, parent=None) -> (out, lse (Hq, total_q) fp32)
   varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                  max_seqlen_k, softmax_scale, causal) -> (dq, dk, dv)
+                  max_seqlen_k, softmax_scale, causal, parent=None) -> (dq, dk, dv)
       flash-style: P = exp(scale*qk^T - lse), D = rowsum(dout*out); out/lse may come from
       attention over a superset of the keys (ring attention), giving this block's share.
+
+Layout as flash-attn: q (total_q, Hq, D), k/v (total_k, Hkv, D), int32 cu_seqlens of length
+S+1 (S segments; segment s pairs queries cu_seqlens_q[s]:[s+1] with keys cu_seqlens_k[s]:[s+1]).
+Query head h reads KV head h // (Hq // Hkv). Causal masks are aligned bottom-right: query i of
+a segment with Lq queries and Lk keys sees keys j <= i + Lk - Lq. A query that sees no key
+gets out = 0 and lse = -inf. lse is in natural-log units.
+
+`parent` (S,) int32 (-1 = none) adds a second key range per query segment: segment s also
+attends, without a causal mask, to all keys of segment parent[s]. This is how shared-prefix
+groups run (see shared_prefix.py); one level only: a segment does not see its parent's parent.
+
+The Triton kernels: `_attn_fwd` (online softmax in base 2, log2(e) folded into the scale,
+fp32 lse), `_bwd_preprocess` (delta = rowsum(dout * out)), `_bwd_dkdv` (one program per key
+block and KV head, looping over the query blocks of every query head of its GQA group, then
+over the segments whose parent it is) and `_bwd_dq` (one program per query block). Every
+gradient element is written by one program in a fixed loop order: the backward is
+deterministic, without atomics.
 """
+import math
+
 import torch
+import triton
+import triton.language as tl
 
-from . import reference
+from . import attn_cpu, reference
+from ._dispatch import use_triton
+
+LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literals
+
+# Launch configurations for sm_90 (H100/H200) by padded head dim (BLOCK_D): block sizes,
+# warps, pipeline stages. Chosen by reasoning (no autotuning in this CI) and checked to
+# lower within Hopper's shared memory by tests/kernels/test_attn_aot.py. bench/gpu_attention.sh
+# may patch this table to compare alternatives on a real GPU.
+GPU_CONFIGS = {
+    # 128-row query tiles over two warpgroups (wgmma M=64 each); K/V tiles double/triple buffered
+    "fwd": {
+        64: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+        128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    },
+    # BLOCK_N key rows and their fp32 dk/dv stay in registers while query blocks stream through
+    "dkdv": {
+        64: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+        128: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+    },
+    "dq": {
+        64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    },
+}
+# float32 inputs on a GPU are for checking, not speed: 3xTF32 dots (about fp32 accuracy) need
+# many registers, so small tiles; they still spill some (tests/kernels/test_attn_aot.py prints it)
+GPU_CONFIGS_FP32 = {
+    "fwd": {128: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)},
+    "dkdv": {128: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)},
+    "dq": {128: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)},
+}
+PREPROCESS_BLOCK = 128
+
+# Used instead of GPU_CONFIGS when the kernels run on CPU tensors under TRITON_INTERPRET=1
+# (tests): the interpreter costs per program and per loop step, so blocks stay moderate.
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+
+MAX_HEAD_DIM = 128
 
 
-def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-    out, lse = reference.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
-    return out, lse.float()
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, n_lo, n_hi, k_len, diag,
+               offs_m, offs_d, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax accumulation over key blocks [n_lo, n_hi). MASKED blocks may hold keys
+    past k_len or (CAUSAL) keys after the diagonal j <= i + diag; unmasked ones hold neither."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < k_len
+        if MASKED:
+            kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        if MASKED:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+            qk = tl.where(keep, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # row without keys so far
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = m_new
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
-def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-    return reference.attention_varlen_backward_from_lse(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                        softmax_scale, causal)
+@triton.jit
+def _attn_fwd(Q, K, V, Out, Lse, cu_q, cu_k, Parent, qk_scale,
+              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+              stride_ot, stride_oh, stride_lh, n_heads_q,
+              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_PARENT: tl.constexpr, PRECISION: tl.constexpr):
+    pid_sh = tl.program_id(0)
+    seg = pid_sh // n_heads_q
+    h = pid_sh % n_heads_q
+    kvh = h // GROUP
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # longest causal rows first
+    q_start = tl.load(cu_q + seg)
+    q_len = tl.load(cu_q + seg + 1) - q_start
+    m_lo = pid_m * BLOCK_M
+    if m_lo >= q_len:
+        return
+    k_start = tl.load(cu_k + seg)
+    k_len = tl.load(cu_k + seg + 1) - k_start
+    m_hi = tl.minimum(m_lo + BLOCK_M, q_len)
+
+    offs_m = m_lo + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < q_len
+    q_base = Q + q_start.to(tl.int64) * stride_qt + h * stride_qh
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    if HAS_PARENT:  # the parent's keys, all visible
+        par = tl.load(Parent + seg)
+        par_safe = tl.maximum(par, 0)
+        x_start = tl.load(cu_k + par_safe)
+        x_len = tl.where(par >= 0, tl.load(cu_k + par_safe + 1) - x_start, 0)
+        xk_base = K + x_start.to(tl.int64) * stride_kt + kvh * stride_kh
+        xv_base = V + x_start.to(tl.int64) * stride_vt + kvh * stride_vh
+        x_full = (x_len // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, xk_base, xv_base, stride_kt, stride_vt, 0, x_full,
+                                   x_len, 0, offs_m, offs_d, qk_scale,
+                                   HEAD_DIM, BLOCK_N, False, False, PRECISION)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, xk_base, xv_base, stride_kt, stride_vt, x_full, x_len,
+                                   x_len, 0, offs_m, offs_d, qk_scale,
+                                   HEAD_DIM, BLOCK_N, True, False, PRECISION)
+
+    k_base = K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
+    if CAUSAL:
+        diag = k_len - q_len
+        n_hi = tl.minimum(k_len, m_hi + diag)  # past the last row's diagonal: skipped
+        n_full = tl.maximum(tl.minimum(k_len, m_lo + diag + 1), 0) // BLOCK_N * BLOCK_N
+    else:
+        diag = 0
+        n_hi = k_len
+        n_full = k_len // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, n_full,
+                               k_len, diag, offs_m, offs_d, qk_scale,
+                               HEAD_DIM, BLOCK_N, False, CAUSAL, PRECISION)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, n_full, n_hi,
+                               k_len, diag, offs_m, offs_d, qk_scale,
+                               HEAD_DIM, BLOCK_N, True, CAUSAL, PRECISION)
+
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    o_base = Out + q_start.to(tl.int64) * stride_ot + h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(Lse + h * stride_lh + q_start + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _bwd_preprocess(Out, dOut, Delta, total_q, stride_ot, stride_oh, stride_dot, stride_doh, stride_lh,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
+    """Delta[h, t] = sum_d dout[t, h, d] * out[t, h, d] in fp32."""
+    h = tl.program_id(1)
+    offs_t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_t[:, None] < total_q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + offs_t[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(dOut + offs_t[:, None].to(tl.int64) * stride_dot + h * stride_doh + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + h * stride_lh + offs_t, tl.sum(o * do, 1), mask=offs_t < total_q)
+
+
+@triton.jit
+def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                m_lo, m_hi, m_diag_end, diag, offs_n, offs_d, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Accumulate dk, dv (BLOCK_N, BLOCK_D) over the query rows [m_lo, m_hi), transposed: rows
+    are keys. Blocks starting before m_diag_end get the causal mask j <= i + diag. One loop
+    (not split into masked / unmasked loops as the forward is): two loops here hold more
+    live registers than Hopper has and spill."""
+    offs_m0 = tl.arange(0, BLOCK_M)
+    d_ok = offs_d < HEAD_DIM
+    for start_m in range(m_lo, m_hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_ok = offs_m < m_hi
+        qt = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None],
+                     mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :],
+                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        # a row with lse = -inf saw no key at all: it contributes nothing
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        pt = tl.math.exp2(tl.dot(k, qt, input_precision=PRECISION) * qk_scale - lse2[None, :])
+        if CAUSAL:
+            if start_m < m_diag_end:
+                pt = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, dOut, Lse, Delta, dK, dV, cu_q, cu_k, child_ptr, child_seg, qk_scale, sm_scale,
+              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+              stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+              stride_lh, n_heads_kv,
+              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_PARENT: tl.constexpr, PRECISION: tl.constexpr):
+    pid_sh = tl.program_id(0)
+    seg = pid_sh // n_heads_kv
+    kvh = pid_sh % n_heads_kv
+    pid_n = tl.num_programs(1) - 1 - tl.program_id(1)
+    k_start = tl.load(cu_k + seg)
+    k_len = tl.load(cu_k + seg + 1) - k_start
+    n_lo = pid_n * BLOCK_N
+    if n_lo >= k_len:
+        return
+
+    offs_n = n_lo + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh + offs_n[:, None] * stride_kt
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh + offs_n[:, None] * stride_vt
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    # own queries: row i sees key j when j <= i + diag; rows from m_diag_end on see the whole block
+    q_len = tl.load(cu_q + seg + 1) - tl.load(cu_q + seg)
+    if CAUSAL:
+        diag = k_len - q_len
+        m_first = tl.maximum(n_lo - diag, 0) // BLOCK_M * BLOCK_M
+        m_diag_end = tl.maximum(n_lo + BLOCK_N - 1 - diag, 0)
+    else:
+        diag = 0
+        m_first = 0
+        m_diag_end = 0
+    if HAS_PARENT:  # then the segments whose parent this is: they see all of its keys
+        c_lo = tl.load(child_ptr + seg)
+        n_ranges = 1 + tl.load(child_ptr + seg + 1) - c_lo
+    else:
+        c_lo = 0
+        n_ranges = 1
+    for g in range(GROUP):
+        h = kvh * GROUP + g
+        # one call site for all query ranges: a second inlined loop would spill registers
+        for r in range(n_ranges):
+            if HAS_PARENT:
+                c = tl.where(r == 0, seg, tl.load(child_seg + tl.maximum(c_lo + r - 1, 0)))
+            else:
+                c = seg
+            c_start = tl.load(cu_q + c)
+            c_len = tl.load(cu_q + c + 1) - c_start
+            dk, dv = _dkdv_range(dk, dv, k, v, Q + c_start.to(tl.int64) * stride_qt + h * stride_qh,
+                                 dOut + c_start.to(tl.int64) * stride_dot + h * stride_doh,
+                                 Lse + h * stride_lh + c_start, Delta + h * stride_lh + c_start,
+                                 stride_qt, stride_dot, tl.where(r == 0, m_first, 0), c_len,
+                                 tl.where(r == 0, m_diag_end, 0), diag, offs_n, offs_d, qk_scale,
+                                 HEAD_DIM, BLOCK_M, CAUSAL, PRECISION)
+
+    tl.store(dK + k_start.to(tl.int64) * stride_dkt + kvh * stride_dkh + offs_n[:, None] * stride_dkt
+             + offs_d[None, :], (dk * sm_scale).to(dK.dtype.element_ty), mask=kv_mask)
+    tl.store(dV + k_start.to(tl.int64) * stride_dvt + kvh * stride_dvh + offs_n[:, None] * stride_dvt
+             + offs_d[None, :], dv.to(dV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, n_lo, n_hi, k_len, diag,
+              offs_m, offs_d, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dq (BLOCK_M, BLOCK_D) over key blocks [n_lo, n_hi) (masking as _fwd_range)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < k_len
+        if MASKED:
+            kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            vt = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None],
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        else:
+            kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            vt = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+        p = tl.math.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse2[:, None])
+        if MASKED:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, dOut, Lse, Delta, dQ, cu_q, cu_k, Parent, qk_scale, sm_scale,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+            stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh, n_heads_q,
+            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+            HAS_PARENT: tl.constexpr, PRECISION: tl.constexpr):
+    pid_sh = tl.program_id(0)
+    seg = pid_sh // n_heads_q
+    h = pid_sh % n_heads_q
+    kvh = h // GROUP
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    q_start = tl.load(cu_q + seg)
+    q_len = tl.load(cu_q + seg + 1) - q_start
+    m_lo = pid_m * BLOCK_M
+    if m_lo >= q_len:
+        return
+    k_start = tl.load(cu_k + seg)
+    k_len = tl.load(cu_k + seg + 1) - k_start
+    m_hi = tl.minimum(m_lo + BLOCK_M, q_len)
+
+    offs_m = m_lo + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < q_len
+    io_mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + q_start.to(tl.int64) * stride_qt + h * stride_qh + offs_m[:, None] * stride_qt
+                + offs_d[None, :], mask=io_mask, other=0.0)
+    do = tl.load(dOut + q_start.to(tl.int64) * stride_dot + h * stride_doh + offs_m[:, None] * stride_dot
+                 + offs_d[None, :], mask=io_mask, other=0.0)
+    lse = tl.load(Lse + h * stride_lh + q_start + offs_m, mask=m_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(Delta + h * stride_lh + q_start + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    if HAS_PARENT:
+        par = tl.load(Parent + seg)
+        par_safe = tl.maximum(par, 0)
+        x_start = tl.load(cu_k + par_safe)
+        x_len = tl.where(par >= 0, tl.load(cu_k + par_safe + 1) - x_start, 0)
+        xk_base = K + x_start.to(tl.int64) * stride_kt + kvh * stride_kh
+        xv_base = V + x_start.to(tl.int64) * stride_vt + kvh * stride_vh
+        x_full = (x_len // BLOCK_N) * BLOCK_N
+        dq = _dq_range(dq, q, do, lse2, delta, xk_base, xv_base, stride_kt, stride_vt, 0, x_full, x_len, 0,
+                       offs_m, offs_d, qk_scale, HEAD_DIM, BLOCK_N, False, False, PRECISION)
+        dq = _dq_range(dq, q, do, lse2, delta, xk_base, xv_base, stride_kt, stride_vt, x_full, x_len, x_len, 0,
+                       offs_m, offs_d, qk_scale, HEAD_DIM, BLOCK_N, True, False, PRECISION)
+
+    k_base = K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
+    if CAUSAL:
+        diag = k_len - q_len
+        n_hi = tl.minimum(k_len, m_hi + diag)
+        n_full = tl.maximum(tl.minimum(k_len, m_lo + diag + 1), 0) // BLOCK_N * BLOCK_N
+    else:
+        diag = 0
+        n_hi = k_len
+        n_full = k_len // BLOCK_N * BLOCK_N
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, 0, n_full, k_len, diag,
+                   offs_m, offs_d, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL, PRECISION)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, n_full, n_hi, k_len, diag,
+                   offs_m, offs_d, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, PRECISION)
+
+    tl.store(dQ + q_start.to(tl.int64) * stride_dqt + h * stride_dqh + offs_m[:, None] * stride_dqt
+             + offs_d[None, :], (dq * sm_scale).to(dQ.dtype.element_ty), mask=io_mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _block_d(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _config(kind, head_dim, device, dtype):
+    if device.type == "cpu":  # TRITON_INTERPRET=1
+        return dict(INTERPRET_CONFIG)
+    table = (GPU_CONFIGS_FP32 if dtype == torch.float32 else GPU_CONFIGS)[kind]
+    return dict(table[min(key for key in table if key >= _block_d(head_dim))])
+
+
+def _precision(dtype):
+    # fp32: three TF32 products per dot (tensor cores, about fp32 accuracy); "ieee" would run on FMA
+    # units and spill badly
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _segment_children(parent, num_segments):
+    """CSR of the segments whose parent is each segment: child_seg[child_ptr[s]:child_ptr[s+1]],
+    in increasing segment order (a fixed order keeps the backward deterministic)."""
+    has = parent >= 0
+    counts = torch.bincount(torch.where(has, parent, num_segments).long(), minlength=num_segments + 1)
+    child_ptr = torch.zeros(num_segments + 1, dtype=torch.int32, device=parent.device)
+    child_ptr[1:] = counts[:num_segments].cumsum(0).to(torch.int32)
+    key = torch.where(has, parent, num_segments).long() * (num_segments + 1) + torch.arange(
+        num_segments, device=parent.device)
+    child_seg = torch.argsort(key).to(torch.int32)  # children first, grouped by parent
+    return child_ptr, child_seg
+
+
+def _triton_forward(q, k, v, cu_q, cu_k, max_q, scale, causal, parent):
+    total_q, hq, d = q.shape
+    hkv = k.shape[1]
+    num_segments = cu_q.numel() - 1
+    out = torch.empty_like(q)
+    lse = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
+    if total_q == 0 or num_segments == 0 or max_q == 0:
+        lse.fill_(-math.inf)
+        out.zero_()
+        return out, lse
+    cfg = _config("fwd", d, q.device, q.dtype)
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    grid = (num_segments * hq, triton.cdiv(max_q, block_m))
+    _attn_fwd[grid](
+        q, k, v, out, lse, cu_q, cu_k, parent if parent is not None else cu_q, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0), hq,
+        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=block_n,
+        CAUSAL=causal, HAS_PARENT=parent is not None, PRECISION=_precision(q.dtype), **cfg)
+    return out, lse
+
+
+def _triton_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, parent):
+    total_q, hq, d = q.shape
+    total_k, hkv = k.shape[0], k.shape[1]
+    num_segments = cu_q.numel() - 1
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if total_q == 0 or total_k == 0 or num_segments == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    _bwd_preprocess[(triton.cdiv(total_q, PREPROCESS_BLOCK), hq)](
+        out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK=PREPROCESS_BLOCK)
+    common = dict(GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal,
+                  HAS_PARENT=parent is not None, PRECISION=_precision(q.dtype))
+    if parent is not None:
+        child_ptr, child_seg = _segment_children(parent, num_segments)
+    else:
+        child_ptr = child_seg = cu_q
+    cfg = _config("dkdv", d, q.device, q.dtype)
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    if max_k == 0:
+        dk.zero_(), dv.zero_()
+    else:
+        _bwd_dkdv[(num_segments * hkv, triton.cdiv(max_k, block_n))](
+            q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, child_ptr, child_seg, scale * LOG2E, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            lse.stride(0), hkv, BLOCK_M=block_m, BLOCK_N=block_n, **common, **cfg)
+    cfg = _config("dq", d, q.device, q.dtype)
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    if max_q == 0:
+        dq.zero_()
+    else:
+        _bwd_dq[(num_segments * hq, triton.cdiv(max_q, block_m))](
+            q, k, v, dout, lse, delta, dq, cu_q, cu_k, parent if parent is not None else cu_q,
+            scale * LOG2E, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), hq,
+            BLOCK_M=block_m, BLOCK_N=block_n, **common, **cfg)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, parent, triton_path):
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError("q, k, v must be packed (total_tokens, heads, head_dim); got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q head_dim {q.shape[2]} differs from k/v head_dim {k.shape[2]}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D int32 tensor of segment offsets (length batch+1); "
+                             f"got {cu.dtype} with shape {tuple(cu.shape)}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q ({cu_seqlens_q.numel()}) and cu_seqlens_k ({cu_seqlens_k.numel()}) "
+                         "must describe the same number of segments")
+    if parent is not None and (parent.dtype != torch.int32 or parent.shape != (cu_seqlens_q.numel() - 1,)):
+        raise ValueError(f"parent must be int32 of shape (num_segments,) = ({cu_seqlens_q.numel() - 1},); "
+                         f"got {parent.dtype} with shape {tuple(parent.shape)}")
+    if triton_path:
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"the Triton kernels take float16, bfloat16 or float32; got {q.dtype}")
+        if q.shape[2] > MAX_HEAD_DIM:
+            raise ValueError(f"head_dim {q.shape[2]} > {MAX_HEAD_DIM} is not supported by the Triton kernels")
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_max_seqlen(cu, max_seqlen, name):
+    """On CPU tensors (interpreter runs) a too-small max_seqlen is caught; on GPU it would cost a sync."""
+    if cu.device.type == "cpu" and cu.numel() > 1:
+        longest = int((cu[1:] - cu[:-1]).max())
+        if longest > max_seqlen:
+            raise ValueError(f"{name}={max_seqlen} is smaller than the longest segment ({longest})")
+
+
+def _no_parent_on_reference(parent):
+    if parent is not None:
+        raise NotImplementedError("shared-prefix attention on GPU tensors needs the Triton kernels; "
+                                  "unset SPELL_KERNELS=torch")
+
+
+def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                   parent=None):
+    """Attention output (total_q, Hq, D) in q's dtype and lse (Hq, total_q) fp32; no autograd."""
+    triton_path = use_triton(q, k, v)
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, parent, triton_path)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    if not triton_path:
+        if q.device.type != "cpu":  # SPELL_KERNELS=torch on a GPU: the plain reference, for debugging
+            _no_parent_on_reference(parent)
+            out, lse = reference.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
+            return out, lse.float()
+        return attn_cpu.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, parent)
+    _check_max_seqlen(cu_seqlens_q, max_seqlen_q, "max_seqlen_q")
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return _triton_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), scale, causal, parent)
+
+
+def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    softmax_scale, causal, parent=None):
+    """Gradients (dq, dk, dv) from the saved out and lse (flash-style; see module docstring)."""
+    triton_path = use_triton(q, k, v)
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, parent, triton_path)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    if not triton_path:
+        if q.device.type != "cpu":
+            _no_parent_on_reference(parent)
+            return reference.attention_varlen_backward_from_lse(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                                scale, causal)
+        return attn_cpu.varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, causal,
+                                        parent)
+    _check_max_seqlen(cu_seqlens_q, max_seqlen_q, "max_seqlen_q")
+    _check_max_seqlen(cu_seqlens_k, max_seqlen_k, "max_seqlen_k")
+    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
+    return _triton_backward(dout, q, k, v, out, lse.float(), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                            int(max_seqlen_k), scale, causal, parent)
+
+
+class FlashAttnVarlenFunc(torch.autograd.Function):
+    """(q, k, v) -> (out, lse); lse is returned for merging and is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                parent=None):
+        out, lse = varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  softmax_scale, causal, parent)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, parent)
+        ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_q, cu_k, parent = ctx.saved_tensors
+        max_q, max_k, scale, causal = ctx.args
+        dq, dk, dv = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, parent)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            softmax_scale=None, causal=False, return_lse=False):
-    out, lse = reference.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
-    return (out, lse.float()) if return_lse else out
+    """Varlen attention with flash-attn's arguments and layout (see module docstring).
+
+    q (total_q, Hq, D), k/v (total_k, Hkv, D) with Hq % Hkv == 0; cu_seqlens_* int32 (batch+1,);
+    max_seqlen_* the longest segment (sizes the GPU grid). Returns out (total_q, Hq, D), and
+    lse (Hq, total_q) fp32 when return_lse. Differentiable in q, k, v.
+    """
+    out, lse = FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                         softmax_scale, causal, None)
+    return (out, lse) if return_lse else out

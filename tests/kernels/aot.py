@@ -5,8 +5,10 @@ functions that cannot be compiled, so compilation happens in a fresh subprocess 
 
     specs = [dict(module="spell_kernels.flash_attn", kernel="_fwd_kernel",
                   signature={"Q": "*fp16", ..., "BLOCK_M": "constexpr"},
-                  constexprs={"BLOCK_M": 128, ...}, num_warps=8, num_stages=3)]
-    results = compile_for_hopper(specs)   # one dict per spec: shared, num_warps, ptx
+                  constexprs={"BLOCK_M": 128, ...}, num_warps=8, num_stages=3,
+                  divisible_by_16=["Q", "stride_qt", ...])]   # optional, as the launcher specialises
+    results = compile_for_hopper(specs)   # one dict per spec: shared, num_warps, ptx,
+                                          # registers, spill_bytes (per thread, from ptxas -v)
 """
 import json
 import os
@@ -14,7 +16,7 @@ import subprocess
 import sys
 
 _SCRIPT = r"""
-import importlib, json, sys
+import contextlib, importlib, io, json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -22,11 +24,19 @@ from triton.compiler import ASTSource
 out = []
 for spec in json.load(sys.stdin):
     fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
-    src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec.get("constexprs", {}))
+    # optional: argument names the launcher would specialise as divisible by 16 (aligned pointers, strides)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in spec.get("divisible_by_16", [])}
+    src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec.get("constexprs", {}), attrs=attrs)
     options = {"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 2)}
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG prints ptxas -v here
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    regs = re.search(r"Used (\d+) registers", log.getvalue())
+    spill = re.search(r"(\d+) bytes spill stores", log.getvalue())
     out.append({"kernel": spec["kernel"], "shared": compiled.metadata.shared,
-                "num_warps": compiled.metadata.num_warps, "ptx": compiled.asm["ptx"]})
+                "num_warps": compiled.metadata.num_warps, "ptx": compiled.asm["ptx"],
+                "registers": int(regs.group(1)) if regs else None,
+                "spill_bytes": int(spill.group(1)) if spill else None})
 print("AOT-JSON" + json.dumps(out))
 """
 
@@ -35,6 +45,7 @@ HOPPER_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on 
 
 def compile_for_hopper(specs, timeout=600):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1")  # registers/spills from a fresh ptxas run
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], input=json.dumps(specs), env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
