@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads of torch; 0: torch's default, one per core (default: 1 on a CPU run, "
                              "where more threads on a busy machine are several times slower; 0 on a GPU run)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (summary lines only)")
+    parser.add_argument("--cp", type=_count(1), default=1,
+                        help="context parallel size: ranks sharing each training sequence (zigzag ring attention); "
+                             "launch with torchrun --nproc-per-node N, N a multiple of it; the other factor is data "
+                             "parallel (default: 1)")
+    parser.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="under torchrun: collective timeout, and how long a rank may hang before the others "
+                             "exit naming it (a dead rank is noticed within min(60, this)) (default: 600)")
     return parser
 
 
@@ -208,15 +215,31 @@ def _run(config: RunConfig, args, train_options, budget: int) -> int:
         torch.set_num_threads(args.threads)
         print(f"threads     {args.threads} (--threads)")
     try:
-        return _train(config, args, train_options, budget)
+        return _train_on_ranks(config, args, train_options, budget)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(config: RunConfig, args, train_options, budget: int) -> int:
+def _train_on_ranks(config: RunConfig, args, train_options, budget: int) -> int:
+    """_train in this process, or as one rank of a torchrun job (spell_core/distributed.py)."""
+    from spell_core.distributed import failure_guard, init_distributed, log_other_ranks_to_files, shutdown
+
+    topology = init_distributed(args.cp, device=config.model.device, timeout_s=args.dist_timeout)
+    if not topology.is_distributed:
+        return _train(config, args, train_options, budget, topology)
+    config.model.device = str(topology.device)
+    log_other_ranks_to_files(topology, Path(config.out) / "logs")
+    print(f"ranks       {topology.describe()}")
+    with failure_guard(topology):
+        code = _train(config, args, train_options, budget, topology)
+    shutdown(topology)  # only after a clean finish: after an error the other ranks see this one fall silent
+    return code
+
+
+def _train(config: RunConfig, args, train_options, budget: int, topology=None) -> int:
     import torch
 
-    from spell_core.loop import SelfPlay, StepAbandoned
+    from spell_core.loop import StepAbandoned
     from spell_core.monitor import Monitor
 
     model, tokenizer, clusters = _load_model_and_documents(config, budget)
@@ -235,9 +258,13 @@ def _train(config: RunConfig, args, train_options, budget: int) -> int:
     from spell_core import train_state
     from spell_core.trainer import Trainer
 
-    trainer = Trainer(model, train_options)
+    from spell_core.data_parallel import agreed, self_play_for_rank
+    from spell_core.distributed import Topology
+
+    topology = topology or Topology()
+    trainer = Trainer(model, train_options, topology)
     stop = _StopFlag()
-    play = SelfPlay(model, tokenizer, clusters, config, should_stop=stop.is_set)
+    play = self_play_for_rank(model, tokenizer, clusters, config, topology, should_stop=stop.is_set)
     start_step = 0
     if args.resume is not None:
         path = train_state.find_latest(out) if args.resume == "latest" else Path(args.resume)
@@ -247,14 +274,15 @@ def _train(config: RunConfig, args, train_options, budget: int) -> int:
         start_step, extra = train_state.load(path, model, trainer.optimizer)
         play.load_state_dict(extra["self_play"])
         print(f"resumed     from {path} at step {start_step}")
-    monitor = Monitor(out, config.steps, bars=not args.no_progress,
+    monitor = Monitor(out if topology.is_main else out / "ranks" / f"rank{topology.rank}", config.steps,
+                      bars=not args.no_progress and topology.is_main,
                       resume_step=start_step if args.resume is not None else None)
     play.observer = monitor
 
     saved_step = start_step if args.resume is not None else None
     step, exit_code = start_step, 0
     with stop.installed():
-        while step < config.steps and not stop.is_set():
+        while step < config.steps and not agreed(stop.is_set(), topology):  # every rank stops together
             snapshot = play.state_dict()
             began = time.perf_counter()
             try:
@@ -290,7 +318,7 @@ def _one_step(play, trainer, monitor, stop, number: int) -> dict:
     result = play.step()
     monitor.log_questions(number, result.questions)
     metrics = dict(result.metrics)
-    if not result.trajectories:
+    if not result.trajectories and not result.metrics.get("trajectories_world"):  # none on any rank
         print(f"spell: step {number}: nothing trainable (no responder group with reward variance, no "
               "questioner sample to contrast); no update", file=sys.stderr)
         return metrics | {"train_skipped": True, "train_skip_reason": "nothing trainable in this step"}

@@ -2,7 +2,8 @@
 
     out/checkpoints/step-000123/
         config.json, model.safetensors, tokenizer files   the model, HF format (transformers loads it)
-        optimizer.pt                                      optimizer.state_dict()
+        optimizer.pt                                      optimizer.state_dict() (keyed by parameter
+                                                          name when saved by several ranks)
         rng.pt                                            python, numpy, torch CPU (+ CUDA), named generators
         state.json                                        {"step": 123, "extra": {...}}
         COMPLETE                                          written last
@@ -13,6 +14,13 @@ renamed to step-NNNNNN; older checkpoints are pruned after that (the newest `kee
 `find_latest` trusts nothing but the marker: the highest step folder holding COMPLETE. So a
 process killed at any moment leaves the previous checkpoint loadable as the latest, and at
 worst a temporary folder that the next save removes.
+
+Any world size. A model sharded with FSDP2 (spell_core/data_parallel.py) is saved by every
+rank calling `save`: the full weights and the full, unsharded optimizer state are gathered to
+rank 0 (torch.distributed.checkpoint.state_dict, full_state_dict + cpu_offload), which writes
+the same files as a single process; the random states are rank 0's. `load` on a sharded model
+reads on rank 0 and broadcasts. The optimizer state is keyed by parameter index (one process)
+or by parameter name (several); `load` takes either, so a run saved on N ranks resumes on M.
 """
 from __future__ import annotations
 
@@ -81,14 +89,22 @@ def save(out_dir, step: int, model: CausalLM, tokenizer, optimizer: torch.optim.
     except (TypeError, ValueError) as err:
         raise TypeError(f"extra must hold only JSON values (dict, list, str, number, bool, None): {err}; "
                         "convert objects first (e.g. to_dict())") from err
+    if _is_sharded(model):
+        return _save_from_ranks(out_dir, step, model, tokenizer, optimizer, state_text, generators, keep_last)
+    return _write(out_dir, step, lambda folder: save_pretrained(model, tokenizer, folder),
+                  None if optimizer is None else optimizer.state_dict(), state_text, generators, keep_last)
+
+
+def _write(out_dir, step: int, write_model, optimizer_state: dict | None, state_text: str,
+           generators: dict[str, torch.Generator] | None, keep_last: int) -> Path:
     root = Path(out_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(out_dir, step)
     tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        save_pretrained(model, tokenizer, tmp)  # creates tmp (itself atomically)
-        if optimizer is not None:
-            _save_torch(optimizer.state_dict(), tmp / OPTIMIZER)
+        write_model(tmp)  # creates tmp (itself atomically)
+        if optimizer_state is not None:
+            _save_torch(optimizer_state, tmp / OPTIMIZER)
         _save_torch(_rng_state(generators or {}), tmp / RNG)
         _write_text(tmp / STATE, state_text + "\n")
         _write_text(tmp / COMPLETE, f"step {step}\n")
@@ -108,19 +124,135 @@ def load(path, model: CausalLM, optimizer: torch.optim.Optimizer | None = None, 
     """Restore weights (in place, into the model's own parameters: an optimizer built on them
     stays valid), optimizer state and random states from a checkpoint folder, or from the
     latest complete checkpoint when `path` is a run's out_dir. Returns (step, extra)."""
+    if _is_sharded(model):
+        return _load_into_ranks(path, model, optimizer, generators, restore_rng)
     folder = _resolve(Path(path))
     expected = {name: t.shape for name, t in model.state_dict().items()}
     tensors = ckpt.load_tensors(folder, expected)
     model.load_state_dict(tensors, strict=True)  # copies, casting to each parameter's dtype and device
     if optimizer is not None:
-        if not (folder / OPTIMIZER).is_file():
-            raise ckpt.CheckpointError(f"{folder} has no {OPTIMIZER}: it was saved without an optimizer")
         device = next(model.parameters()).device
-        optimizer.load_state_dict(torch.load(folder / OPTIMIZER, map_location=device, weights_only=True))
+        state = _read_optimizer(folder, device)
+        if _keyed_by_name(state):  # saved by several ranks
+            state = _by_index(state, _trainable_names(model), optimizer)
+        optimizer.load_state_dict(state)
     if restore_rng:
         _set_rng_state(torch.load(folder / RNG, weights_only=True), generators or {}, folder)
     state = json.loads((folder / STATE).read_text())
     return int(state["step"]), state.get("extra", {})
+
+
+# --- several ranks (FSDP2) ---------------------------------------------------------------------
+
+def _is_sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _save_from_ranks(out_dir, step, model, tokenizer, optimizer, state_text, generators, keep_last) -> Path:
+    """Collective: every rank gathers, rank 0 writes, every rank returns the folder or raises."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors, on rank 0's CPU only
+    tensors = get_model_state_dict(model, options=options)
+    optimizer_state = None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options)
+    outcome: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            config = model.config.to_hf(dtype=next(iter(tensors.values())).dtype)
+            write_tokenizer = (lambda folder: tokenizer.save_pretrained(folder)) if tokenizer is not None else None
+            folder = _write(out_dir, step, lambda f: ckpt.save_checkpoint(f, config, tensors, write_extra=write_tokenizer),
+                            optimizer_state, state_text, generators, keep_last)
+            outcome = [("saved", str(folder))]
+        except Exception as err:
+            dist.broadcast_object_list([("failed", f"{type(err).__name__}: {err}")], src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    status, detail = outcome[0]
+    if status != "saved":
+        raise ckpt.CheckpointError(f"rank 0 could not write checkpoint step {step}: {detail}")
+    return Path(detail)
+
+
+def _load_into_ranks(path, model, optimizer, generators, restore_rng) -> tuple[int, dict]:
+    """Collective: rank 0 reads the files, every rank gets the weights and its optimizer shards."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    tensors, optimizer_state, header = {}, {}, [None]
+    if dist.get_rank() == 0:
+        try:
+            folder = _resolve(Path(path))
+            expected = {name: t.shape for name, t in model.state_dict().items()}  # global shapes
+            tensors = ckpt.load_tensors(folder, expected)
+            if optimizer is not None:
+                optimizer_state = _read_optimizer(folder, "cpu")
+                if not _keyed_by_name(optimizer_state):  # saved by one process
+                    optimizer_state = _by_name(optimizer_state, _trainable_names(model))
+            rng = torch.load(folder / RNG, weights_only=True) if restore_rng else None
+            header = [("read", str(folder), json.loads((folder / STATE).read_text()), rng)]
+        except Exception as err:
+            dist.broadcast_object_list([("failed", f"{type(err).__name__}: {err}")], src=0)
+            raise
+    dist.broadcast_object_list(header, src=0)
+    if header[0][0] != "read":
+        raise ckpt.CheckpointError(f"rank 0 could not read checkpoint {path}: {header[0][1]}")
+    _, folder, state, rng = header[0]
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, tensors, options=options)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    if restore_rng:
+        _set_rng_state(rng, generators or {}, Path(folder))
+    return int(state["step"]), state.get("extra", {})
+
+
+# --- optimizer state, by parameter index or by name ----------------------------------------------
+
+def _read_optimizer(folder: Path, device) -> dict:
+    if not (folder / OPTIMIZER).is_file():
+        raise ckpt.CheckpointError(f"{folder} has no {OPTIMIZER}: it was saved without an optimizer")
+    return torch.load(folder / OPTIMIZER, map_location=device, weights_only=True)
+
+
+def _trainable_names(model) -> list[str]:
+    """Parameter names in the order the Trainer hands them to its optimizer."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _keyed_by_name(state: dict) -> bool:
+    return any(isinstance(k, str) for group in state["param_groups"] for k in group["params"])
+
+
+def _by_name(state: dict, names: list[str]) -> dict:
+    """optimizer.state_dict() (keyed by index) -> the layout get_optimizer_state_dict writes."""
+    def name(i):
+        if not 0 <= i < len(names):
+            raise ckpt.CheckpointError(f"{OPTIMIZER} holds state for parameter #{i} but the model has "
+                                       f"{len(names)} trainable parameters: it belongs to another model")
+        return names[i]
+    return {"state": {name(i): v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [name(i) for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def _by_index(state: dict, names: list[str], optimizer) -> dict:
+    """The name-keyed layout -> optimizer.state_dict()'s, in the model's parameter order (tuples,
+    such as AdamW's betas, come back from the gathered layout as lists: made tuples again)."""
+    index = {n: i for i, n in enumerate(names)}
+    unknown = sorted({n for g in state["param_groups"] for n in g["params"]} - set(index))
+    if unknown:
+        raise ckpt.CheckpointError(f"{OPTIMIZER} holds state for parameters the model does not have "
+                                   f"({', '.join(unknown[:3])}): it belongs to another model")
+    groups = []
+    for group, current in zip(state["param_groups"], optimizer.param_groups):
+        group = {k: tuple(v) if isinstance(v, list) and isinstance(current.get(k), tuple) else v
+                 for k, v in group.items()}
+        groups.append({**group, "params": [index[n] for n in group["params"]]})
+    return {"state": {index[n]: v for n, v in state["state"].items()}, "param_groups": groups}
 
 
 def _resolve(path: Path) -> Path:

@@ -1,0 +1,130 @@
+"""Context parallel training: zigzag shards of a micro-batch, and a CP = 2 (and DP 2 x CP 2) step
+on gloo processes against the single-process trainer on the same trajectories.
+
+The single-process step packs shared prefixes, the CP step packs every trajectory as a plain
+sequence and runs ring attention, whose block results merge in fp32 even for float64 inputs:
+the tolerances are those of fp32 attention: loss and gradient norm rel 1e-6, weights after
+AdamW within 1e-5 x lr (a step moves a weight by about lr; measured: 1.3e-6 x lr; see
+test_distributed.py for the AdamW eps used). The DP 2 x CP 2 case runs a float32 model
+(rel 1e-5, weights 1e-4 x lr)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import spell_kernels
+from spell_core.context_parallel import RingAttention, _token_weighted_advantages, micro_batch_loss, shard_micro_batch
+from spell_core.distributed import Topology
+from spell_core.trainer import plan_micro_batches
+from tests.core.test_distributed import OPTIONS, check_distributed_step, make_batch, tiny_model
+
+CP_TOLERANCE = 1e-6  # relative, loss and gradient norm
+CP_WEIGHT_TOLERANCE = 1e-5  # x lr
+FP32_TOLERANCE = 1e-5  # a float32 model: single-process and distributed both in fp32
+FP32_WEIGHT_TOLERANCE = 1e-4
+
+
+@pytest.mark.parametrize("world_size, cp, agg, dtype", [
+    (2, 2, "token-mean", torch.float64),
+    (2, 2, "seq-mean-token-mean", torch.float64),
+    (4, 2, "token-mean", torch.float32),  # DP 2 x CP 2; fp32 takes FSDP2's other reduction path
+])
+def test_context_parallel_step_and_checkpoints_equal_single_process(tmp_path, world_size, cp, agg, dtype):
+    options = {**OPTIONS, "agg": agg}
+    fp32 = dtype == torch.float32
+    ranks, _, shares = check_distributed_step(tmp_path, world_size, cp, options, dtype=dtype,
+                                              weight_tol=FP32_WEIGHT_TOLERANCE if fp32 else CP_WEIGHT_TOLERANCE,
+                                              rel=FP32_TOLERANCE if fp32 else CP_TOLERANCE)
+    # every CP rank trained on the union of its group's trajectories (gather_for_context_parallel)
+    for rank, result in enumerate(ranks):
+        group = range(rank // cp * cp, rank // cp * cp + cp)
+        assert result["trained"] == sum(len(shares[r]) for r in group)
+
+
+# ---- zigzag shards of a micro-batch (one process) ------------------------------------------------
+
+def plain_micro_batch():
+    return plan_micro_batches(make_batch(5), 1000, shared_prefix=False)[0]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_every_loss_row_is_scored_once_from_the_right_token(world_size):
+    mb = plain_micro_batch()
+    lengths = mb.layout.cu_seqlens.diff().tolist()
+    scored = []
+    for rank in range(world_size):
+        shard = shard_micro_batch(mb, rank, world_size)
+        # each sequence: a multiple of 2 x world_size tokens, 1 / world_size of them here
+        multiple = 2 * world_size
+        padded = [-(-n // multiple) * multiple for n in lengths]
+        assert shard.cu_seqlens.diff().tolist() == [n // world_size for n in padded]
+        assert shard.max_seqlen == max(padded) // world_size
+        # the hidden row scored for a loss row holds the token that predicts it, at its global position
+        torch.testing.assert_close(shard.input_ids[shard.hidden_rows], mb.input_ids[mb.pred_rows[shard.loss_rows]])
+        torch.testing.assert_close(shard.position_ids[shard.hidden_rows],
+                                   mb.layout.position_ids[mb.pred_rows[shard.loss_rows]])
+        scored += shard.loss_rows.tolist()
+    assert sorted(scored) == list(range(mb.targets.numel()))
+
+
+def test_zigzag_chunks_by_hand():
+    """One sequence [prompt 3 + response 3] on 2 ranks: padded to 8, chunks of 2; rank 0 holds
+    chunks 0 and 3 (positions 0, 1 and two pads), rank 1 chunks 1 and 2 (positions 2..5)."""
+    from spell_core.batch import Trajectory
+
+    mb = plan_micro_batches([Trajectory("responder", [10, 11, 12], [13, 14, 15], [-1.0] * 3, 1.0)], 100)[0]
+    shards = [shard_micro_batch(mb, r, 2) for r in range(2)]
+    assert [s.cu_seqlens.tolist() for s in shards] == [[0, 4], [0, 4]]
+    assert shards[0].position_ids.tolist()[:2] == [0, 1] and shards[1].position_ids.tolist() == [2, 3, 4, 5]
+    assert shards[0].input_ids.tolist()[:2] == [10, 11] and shards[1].input_ids.tolist() == [12, 13, 14, 15]
+    # rows predicting 13, 14, 15 are the tokens 12, 13, 14 at positions 2, 3, 4: all on rank 1
+    assert shards[0].loss_rows.numel() == 0 and shards[1].loss_rows.tolist() == [0, 1, 2]
+    assert shards[1].hidden_rows.tolist() == [0, 1, 2]
+
+
+def test_shared_prefix_micro_batches_are_refused():
+    mb = plan_micro_batches(make_batch(5), 1000, shared_prefix=True)[0]
+    assert mb.has_groups
+    with pytest.raises(ValueError, match="shared_prefix=False"):
+        shard_micro_batch(mb, 0, 2)
+
+
+def test_ring_attention_of_one_rank_is_the_model_default():
+    model = tiny_model().float()  # RingAttention runs float64 in fp32 (see context_parallel.py)
+    mb = plain_micro_batch()
+    shard = shard_micro_batch(mb, 0, 1)
+    with torch.no_grad():
+        ring = model.forward_hidden(shard.input_ids, shard.cu_seqlens, shard.position_ids,
+                                    attn=RingAttention(shard.cu_seqlens, shard.max_seqlen))
+        plain = model.forward_hidden(mb.input_ids, mb.layout.cu_seqlens, mb.layout.position_ids)
+    # world size 1 pads every sequence to an even length: compare the real tokens' rows
+    torch.testing.assert_close(ring[shard.hidden_rows], plain[mb.pred_rows[shard.loss_rows]], rtol=1e-5, atol=1e-6)
+
+
+def test_folded_advantages_give_the_seq_mean_token_mean_loss():
+    """The kernel's own seq-mean-token-mean == token-mean over the sequence count with A / length."""
+    mb = plain_micro_batch()
+    g = torch.Generator().manual_seed(0)
+    n, sequences = mb.targets.numel(), mb.resp_cu_seqlens.numel() - 1
+    hidden = torch.randn(n, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(61, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(n, dtype=torch.bool)
+    common = dict(clip_low=0.2, clip_high=0.28, temperature=0.7, global_count=sequences)
+    loss, _ = spell_kernels.policy_loss(hidden, weight, mb.targets, mb.old_logprobs, mb.advantages, mask,
+                                        agg="seq-mean-token-mean", cu_seqlens=mb.resp_cu_seqlens, **common)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    folded = _token_weighted_advantages(mb, "seq-mean-token-mean")
+    loss2, _ = spell_kernels.policy_loss(hidden, weight, mb.targets, mb.old_logprobs, folded, mask, agg="token-mean",
+                                         **common)
+    grads2 = torch.autograd.grad(loss2, (hidden, weight))
+    assert float(loss2.detach()) == pytest.approx(float(loss.detach()), rel=1e-12)
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    assert _token_weighted_advantages(mb, "token-mean") is mb.advantages
+
+
+def test_dynamic_rope_is_refused_under_context_parallelism():
+    model = tiny_model(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    trainer = SimpleNamespace(topology=Topology(world_size=2, cp=2), options=None, model=model)
+    with pytest.raises(ValueError, match="dynamic-NTK RoPE"):
+        micro_batch_loss(trainer, plain_micro_batch(), 10)
