@@ -16,10 +16,8 @@ training beside running the group's sequences separately (GPU numbers: bench/gpu
 Time: pytest-benchmark on ours; the baseline runs in the benchmark's untimed setup before every
 round (both see the same machine load); the ratio is printed and kept in extra_info.
 Memory: each variant runs once in its own subprocess (this file as a script) and reports its peak
-RSS (VmHWM, reset through /proc/self/clear_refs after the inputs are allocated) minus the RSS at
-that point (torch's CPU allocations are plain malloc, so RSS sees them; tracemalloc would not).
-For shared_prefix, also the bytes autograd saves for the backward (saved_tensors_hooks): the
-activation memory the attention keeps.
+RSS rise after the inputs are allocated (bench/memory.py). For shared_prefix, also the bytes
+autograd saves for the backward (saved_tensors_hooks): the activation memory the attention keeps.
 
 As a script:
   python bench/test_bench_attention.py --variant ours --length 32768        # one run, JSON
@@ -29,13 +27,13 @@ As a script:
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import memory
 
 FULL = os.environ.get("SPELL_BENCH_FULL") == "1"
 LENGTHS = [4096, 8192, 16384, 32768] if FULL else [4096, 8192]
@@ -121,18 +119,6 @@ def saved_bytes(fn):
     return sum(storages.values())
 
 
-def _status_bytes(field):
-    with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith(field + ":"))
-
-
-def _reset_peak_rss():
-    """Peak RSS (VmHWM) back to the current level. ru_maxrss cannot be reset and a child process
-    starts with its parent's high-water mark (pytest's), which would hide the child's own peak."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def measure(case, variant, length, reps=1):
     """Peak extra RSS of the first run (in this process: run it in a fresh one), best wall time."""
     if case == "single":
@@ -143,17 +129,8 @@ def measure(case, variant, length, reps=1):
     else:
         layout, *x = shared_inputs(*SHARED_HEADS)
         run = lambda: run_shared(variant, layout, *x)  # noqa: E731
-    _reset_peak_rss()
-    base = _status_bytes("VmRSS")
-    times = []
-    for rep in range(reps):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-        if rep == 0:
-            peak = _status_bytes("VmHWM") - base
-    result = {"case": case, "variant": variant, "length": length, "peak_extra_bytes": int(peak),
-              "best_s": min(times), "threads": torch.get_num_threads()}
+    result = {"case": case, "variant": variant, "length": length, "threads": torch.get_num_threads(),
+              **memory.time_and_peak(run, reps)}
     if case == "shared":
         layout, *x = shared_inputs(*SHARED_HEADS)
         result["saved_for_backward_bytes"] = saved_bytes(lambda: run_shared(variant, layout, *x))
@@ -161,37 +138,20 @@ def measure(case, variant, length, reps=1):
 
 
 def measure_in_subprocess(case, variant, length=0, reps=1):
-    cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--variant", variant, "--length",
-           str(length), "--reps", str(reps)]
-    env = {k: v for k, v in os.environ.items() if k not in ("SPELL_KERNELS", "TRITON_INTERPRET")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"variant": variant, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(lines[-1])
+    argv = [os.path.abspath(__file__), "--case", case, "--variant", variant, "--length", str(length), "--reps",
+            str(reps)]
+    return {"variant": variant, **memory.run_json(argv, label=variant)}
 
 
-def _print_table(results, baseline):
-    base = results[baseline]
-    print(f"\n{'variant':>12} {'peak extra MiB':>15} {'best s':>8}   vs {baseline}: memory   time")
-    for name, r in results.items():
-        if "error" in r:
-            print(f"{name:>12}  error: {r['error']}")
-            continue
-        line = f"{name:>12} {r['peak_extra_bytes'] / 2**20:>15.0f} {r['best_s']:>8.3f}"
-        if "error" not in base and name != baseline:
-            line += (f"   {r['peak_extra_bytes'] / max(base['peak_extra_bytes'], 1):>11.2f}x"
-                     f" {r['best_s'] / base['best_s']:>6.2f}x")
-        if "saved_for_backward_bytes" in r:
-            line += f"   saved for backward {r['saved_for_backward_bytes'] / 2**20:.0f} MiB"
-        print(line)
+COLUMNS = [("peak_extra_bytes", "peak extra MiB", memory.MiB), ("best_s", "best s", 1),
+           ("saved_for_backward_bytes", "saved for backward MiB", memory.MiB)]
 
 
 def compare_single(length, reps=1):
     variants = ["sdpa", "sdpa_repeat_kv", "ours"] + (["sdpa_math"] if length <= 4096 else [])
     results = {v: measure_in_subprocess("single", v, length, reps) for v in variants}
     print(f"\nL = {length}, heads {HQ}/{HKV}, D = {D}, fp32, causal, forward + backward")
-    _print_table(results, "sdpa")
+    memory.print_table(results, "sdpa", COLUMNS)
     return results
 
 
@@ -199,7 +159,7 @@ def compare_shared(reps=1):
     results = {v: measure_in_subprocess("shared", v, 0, reps) for v in ("separate", "shared")}
     print(f"\nprefix {PREFIX} + {G} x {RESPONSE}, heads {SHARED_HEADS[0]}/{SHARED_HEADS[1]}, D = {D}, fp32, "
           "forward + backward")
-    _print_table(results, "separate")
+    memory.print_table(results, "separate", COLUMNS)
     return results
 
 

@@ -11,23 +11,21 @@ tokens. SPELL_BENCH_FULL=1: N = 16384, the issue's CPU target (naive peaks near 
 Time: pytest-benchmark on the fused variant; the naive baseline runs in the benchmark's
 untimed setup before every round, so both see the same machine load; the ratio is printed
 and stored in extra_info. Peak memory: each variant runs once in its own subprocess (this
-file as a script), which reports its RSS high-water mark (CPU: VmHWM, reset after the
-inputs are allocated) or torch.cuda.max_memory_allocated (CUDA) minus the level after
-allocating the inputs.
+file as a script), which reports its peak rise after allocating the inputs (bench/memory.py:
+the resident set on CPU, torch.cuda.max_memory_allocated on CUDA).
 
 As a script (used for the memory runs and by bench/gpu_logprob.sh):
   python bench/test_bench_logprob.py --variant fused --tokens 2048 [--device cuda --dtype bf16]
   python bench/test_bench_logprob.py --compare --tokens 2048     # every variant, ratio table
 """
 import argparse
-import gc
 import json
 import os
-import subprocess
-import sys
 import time
 
 import torch
+
+import memory
 
 FULL = os.environ.get("SPELL_BENCH_FULL") == "1"
 TOKENS = 16384 if FULL else 2048
@@ -78,88 +76,29 @@ def run_variant(name, x):
         raise ValueError(f"unknown variant {name!r}")
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _reset_peak_rss():
-    """Reset VmHWM to the current RSS (Linux >= 4.0). ru_maxrss would not do: it carries the
-    parent's high-water mark across fork + exec."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def measure(name, tokens, hidden, vocab, dtype, device, reps, threads=0):
+def measure(name, tokens, hidden, vocab, dtype, device, reps):
     """Peak extra memory of the first run, then the best wall and CPU time of `reps` runs."""
     warm = make_inputs(8, 16, 64, DTYPES[dtype], device)  # thread pools, BLAS handles, Triton JIT
     run_variant(name, warm)
     del warm
     x = make_inputs(tokens, hidden, vocab, DTYPES[dtype], device)
-    gc.collect()
-    _sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        _reset_peak_rss()
-        base = _status_kb("VmRSS") * 1024
-        # the high-water mark must not sit above the current level, or the peak is floored
-        slack = _status_kb("VmHWM") * 1024 - base
-    times, cpu_times = [], []
-    for rep in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        run_variant(name, x)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-        if rep == 0:
-            if device == "cuda":
-                peak = torch.cuda.max_memory_allocated() - base
-            else:
-                peak = _status_kb("VmHWM") * 1024 - base
-    out = {"variant": name, "peak_extra_bytes": int(peak), "best_s": min(times), "best_cpu_s": min(cpu_times),
-           "times_s": times}
-    if device != "cuda":
-        out["baseline_slack_bytes"] = int(slack)
-    return out
+    return {"variant": name, **memory.time_and_peak(lambda: run_variant(name, x), reps, device)}
 
 
 def measure_in_subprocess(name, tokens, hidden=HIDDEN, vocab=VOCAB, dtype="fp32", device="cpu", reps=1, threads=0):
-    cmd = [sys.executable, os.path.abspath(__file__), "--variant", name, "--tokens", str(tokens), "--hidden",
-           str(hidden), "--vocab", str(vocab), "--dtype", dtype, "--device", device, "--reps", str(reps),
-           "--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"variant": name, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(lines[-1])
+    argv = [os.path.abspath(__file__), "--variant", name, "--tokens", str(tokens), "--hidden", str(hidden),
+            "--vocab", str(vocab), "--dtype", dtype, "--device", device, "--reps", str(reps), "--threads", str(threads)]
+    return {"variant": name, **memory.run_json(argv, label=name)}
+
+
+BASELINES = {"fused": "naive", "fused_policy": "naive_policy", "naive_lowp": "naive"}
+COLUMNS = [("peak_extra_bytes", "peak extra MiB", memory.MiB), ("best_s", "wall s", 1), ("best_cpu_s", "cpu s", 1)]
 
 
 def compare(variants, **kw):
     """Run each variant in its own process; print peak memory and time beside the naive ones."""
     results = {v: measure_in_subprocess(v, **kw) for v in variants}
-    baseline = {"fused": "naive", "fused_policy": "naive_policy", "naive_lowp": "naive"}
-    print(f"\n{'variant':>13} {'peak extra MB':>13} {'wall s':>8} {'cpu s':>8}   vs naive: memory  wall   cpu")
-    for v, r in results.items():
-        if "error" in r:
-            print(f"{v:>13}  error: {r['error']}")
-            continue
-        line = f"{v:>13} {r['peak_extra_bytes'] / 2**20:>13.0f} {r['best_s']:>8.3f} {r['best_cpu_s']:>8.3f}"
-        base = results.get(baseline.get(v, ""), {})
-        if base.get("peak_extra_bytes", 0) > 0:
-            line += (f"   {r['peak_extra_bytes'] / base['peak_extra_bytes']:>14.1%}"
-                     f"  {r['best_s'] / base['best_s']:>5.2f}x {r['best_cpu_s'] / base['best_cpu_s']:>5.2f}x"
-                     f"  (vs {baseline[v]})")
-        print(line)
+    memory.print_table(results, BASELINES, COLUMNS)
     return results
 
 
@@ -217,10 +156,9 @@ def main():
               reps=args.reps)
     if args.threads:
         torch.set_num_threads(args.threads)
-        kw["threads"] = args.threads
     if args.compare is not None:
         variants = args.compare or ["naive", "naive_lowp", "fused", "naive_policy", "fused_policy"]
-        print(json.dumps(compare(variants, **kw)))
+        print(json.dumps(compare(variants, threads=args.threads, **kw)))
     else:
         print(json.dumps(measure(args.variant, **kw)))
 

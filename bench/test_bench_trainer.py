@@ -11,17 +11,18 @@ answers of 128 tokens, gradient checkpointing, one micro-batch.
 
 Peak memory: each variant runs in a fresh process (`python bench/test_bench_trainer.py
 --peak-memory VARIANT`) with glibc's mmap threshold lowered so freed tensors leave the resident
-set; after a one-token warm-up step (AdamW's moments exist), the peak resident set is reset
-(/proc/self/clear_refs) and the group's step's rise above its starting level is reported.
+set; after a one-token warm-up step (AdamW's moments exist), the group's step's peak rise above
+its starting level is reported (bench/memory.py).
 """
 import gc
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+
+import memory
 
 FULL = os.environ.get("SPELL_BENCH_FULL") == "1"
 LAYERS = None if FULL else 2
@@ -77,20 +78,12 @@ def test_train_step(benchmark, variant):
 @pytest.mark.timeout(3600)
 def test_peak_memory():
     """Peak resident-set rise of one step per variant, each in its own process."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    peaks = {}
-    for variant in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, "--peak-memory", variant], capture_output=True, text=True,
-                             env=env, check=True)
-        peaks[variant] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rise_mib"]
-    print(f"\npeak RSS rise of one train step (MiB): {peaks}; plain / shared_prefix = "
-          f"{peaks['plain'] / peaks['shared_prefix']:.2f}x")
-    assert all(p > 0 for p in peaks.values())
-
-
-def _rss_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    results = {variant: memory.run_json([__file__, "--peak-memory", variant], env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+               for variant in VARIANTS}
+    print(f"\npeak RSS rise of one train step, prompt {PROMPT} + {G} x {ANSWER}")
+    memory.print_table(results, "shared_prefix", [("peak_extra_bytes", "peak rise MiB", memory.MiB),
+                                                  ("best_s", "step s", 1)])
+    assert all("error" not in r and r["peak_extra_bytes"] > 0 for r in results.values()), results
 
 
 def _peak_memory(variant):
@@ -98,11 +91,7 @@ def _peak_memory(variant):
 
     trainer, batch = build(variant)
     trainer.train_step([Trajectory("responder", [1, 2], [3], [-1.0], 1.0)])  # allocates AdamW's moments
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM (peak RSS) to the current RSS
-    start = _rss_kib("VmRSS")
-    trainer.train_step(batch)
-    print(json.dumps({"variant": variant, "peak_rise_mib": (_rss_kib("VmHWM") - start) / 1024}))
+    print(json.dumps({"variant": variant, **memory.time_and_peak(lambda: trainer.train_step(batch))}))
 
 
 if __name__ == "__main__":

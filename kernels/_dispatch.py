@@ -2,7 +2,8 @@
 
 CUDA tensors run Triton; CPU tensors run PyTorch. The environment variable SPELL_KERNELS
 overrides this at call time: `triton` forces the Triton kernels on CPU tensors (together
-with TRITON_INTERPRET=1, for tests), `torch` forces the PyTorch path everywhere.
+with TRITON_INTERPRET=1, for tests), `torch` forces the PyTorch path everywhere. Without the
+`triton` package a Triton path is refused with a clear error (the PyTorch paths need no Triton).
 """
 import os
 
@@ -29,5 +30,13 @@ def use_triton(*tensors: torch.Tensor) -> bool:
                 "SPELL_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 set before "
                 "spell_kernels' Triton modules are imported"
             )
-        return True
-    return all(t.device.type == "cuda" for t in tensors)
+        return _require_triton()
+    return all(t.device.type == "cuda" for t in tensors) and _require_triton()
+
+
+def _require_triton() -> bool:
+    from ._triton import HAS_TRITON, MISSING_TRITON  # here: importing this module must not import Triton
+
+    if not HAS_TRITON:
+        raise RuntimeError(f"spell_kernels: these tensors run the Triton kernels, but {MISSING_TRITON}")
+    return True

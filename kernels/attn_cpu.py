@@ -86,7 +86,7 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, p
         if merged is not None:
             out[q0:q1] = merged[0]
             lse[:, q0:q1] = merged[1]
-    return out, lse.float()
+    return out, lse  # fp32, fp64 for fp64 inputs
 
 
 def _expand_kv_heads(hq, hkv):

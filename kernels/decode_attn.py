@@ -22,10 +22,9 @@ Inference only: the Triton path has no backward (the sampler calls it under no_g
 import math
 
 import torch
-import triton
-import triton.language as tl
 
 from ._dispatch import use_triton
+from ._triton import tl, triton
 from .lse_merge import merge_attn_states
 
 _LOG2E = 1.4426950408889634

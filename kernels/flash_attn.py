@@ -4,7 +4,7 @@ Stable names other modules rely on:
   flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          softmax_scale=None, causal=False, return_lse=False)
   varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                 softmax_scale, causal, parent=None) -> (out, lse (Hq, total_q) fp32)
+                 softmax_scale, causal, parent=None) -> (out, lse (Hq, total_q) fp32, fp64 for fp64)
   varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                   max_seqlen_k, softmax_scale, causal, parent=None) -> (dq, dk, dv)
       flash-style: P = exp(scale*qk^T - lse), D = rowsum(dout*out); out/lse may come from
@@ -30,11 +30,10 @@ deterministic, without atomics.
 import math
 
 import torch
-import triton
-import triton.language as tl
 
 from . import attn_cpu, reference
 from ._dispatch import use_triton
+from ._triton import tl, triton
 
 LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literals
 
@@ -75,6 +74,36 @@ MAX_HEAD_DIM = 128
 
 
 # ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _parent_keys(Parent, cu_k, K, V, seg, kvh, stride_kt, stride_kh, stride_vt, stride_vh,
+                 BLOCK_N: tl.constexpr):
+    """K and V bases, length and end of the whole key blocks of segment seg's parent range
+    (length 0 when parent[seg] = -1)."""
+    par = tl.load(Parent + seg)
+    par_safe = tl.maximum(par, 0)
+    x_start = tl.load(cu_k + par_safe)
+    x_len = tl.where(par >= 0, tl.load(cu_k + par_safe + 1) - x_start, 0)
+    xk_base = K + x_start.to(tl.int64) * stride_kt + kvh * stride_kh
+    xv_base = V + x_start.to(tl.int64) * stride_vt + kvh * stride_vh
+    return xk_base, xv_base, x_len, (x_len // BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def _own_key_blocks(q_len, k_len, m_lo, m_hi, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(diag, n_full, n_hi) for the query rows [m_lo, m_hi) of a segment against its own keys: key
+    blocks below n_full need no mask, [n_full, n_hi) are masked, keys from n_hi on (after the
+    last row's diagonal) are skipped."""
+    if CAUSAL:
+        diag = k_len - q_len
+        n_hi = tl.minimum(k_len, m_hi + diag)
+        n_full = tl.maximum(tl.minimum(k_len, m_lo + diag + 1), 0) // BLOCK_N * BLOCK_N
+    else:
+        diag = 0
+        n_hi = k_len
+        n_full = k_len // BLOCK_N * BLOCK_N
+    return diag, n_full, n_hi
+
 
 @triton.jit
 def _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, n_lo, n_hi, k_len, diag,
@@ -149,13 +178,8 @@ def _attn_fwd(Q, K, V, Out, Lse, cu_q, cu_k, Parent, qk_scale,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     if HAS_PARENT:  # the parent's keys, all visible
-        par = tl.load(Parent + seg)
-        par_safe = tl.maximum(par, 0)
-        x_start = tl.load(cu_k + par_safe)
-        x_len = tl.where(par >= 0, tl.load(cu_k + par_safe + 1) - x_start, 0)
-        xk_base = K + x_start.to(tl.int64) * stride_kt + kvh * stride_kh
-        xv_base = V + x_start.to(tl.int64) * stride_vt + kvh * stride_vh
-        x_full = (x_len // BLOCK_N) * BLOCK_N
+        xk_base, xv_base, x_len, x_full = _parent_keys(Parent, cu_k, K, V, seg, kvh, stride_kt, stride_kh,
+                                                       stride_vt, stride_vh, BLOCK_N)
         acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, xk_base, xv_base, stride_kt, stride_vt, 0, x_full,
                                    x_len, 0, offs_m, offs_d, qk_scale,
                                    HEAD_DIM, BLOCK_N, False, False, PRECISION)
@@ -165,14 +189,7 @@ def _attn_fwd(Q, K, V, Out, Lse, cu_q, cu_k, Parent, qk_scale,
 
     k_base = K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
-    if CAUSAL:
-        diag = k_len - q_len
-        n_hi = tl.minimum(k_len, m_hi + diag)  # past the last row's diagonal: skipped
-        n_full = tl.maximum(tl.minimum(k_len, m_lo + diag + 1), 0) // BLOCK_N * BLOCK_N
-    else:
-        diag = 0
-        n_hi = k_len
-        n_full = k_len // BLOCK_N * BLOCK_N
+    diag, n_full, n_hi = _own_key_blocks(q_len, k_len, m_lo, m_hi, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, n_full,
                                k_len, diag, offs_m, offs_d, qk_scale,
                                HEAD_DIM, BLOCK_N, False, CAUSAL, PRECISION)
@@ -371,13 +388,8 @@ def _bwd_dq(Q, K, V, dOut, Lse, Delta, dQ, cu_q, cu_k, Parent, qk_scale, sm_scal
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     if HAS_PARENT:
-        par = tl.load(Parent + seg)
-        par_safe = tl.maximum(par, 0)
-        x_start = tl.load(cu_k + par_safe)
-        x_len = tl.where(par >= 0, tl.load(cu_k + par_safe + 1) - x_start, 0)
-        xk_base = K + x_start.to(tl.int64) * stride_kt + kvh * stride_kh
-        xv_base = V + x_start.to(tl.int64) * stride_vt + kvh * stride_vh
-        x_full = (x_len // BLOCK_N) * BLOCK_N
+        xk_base, xv_base, x_len, x_full = _parent_keys(Parent, cu_k, K, V, seg, kvh, stride_kt, stride_kh,
+                                                       stride_vt, stride_vh, BLOCK_N)
         dq = _dq_range(dq, q, do, lse2, delta, xk_base, xv_base, stride_kt, stride_vt, 0, x_full, x_len, 0,
                        offs_m, offs_d, qk_scale, HEAD_DIM, BLOCK_N, False, False, PRECISION)
         dq = _dq_range(dq, q, do, lse2, delta, xk_base, xv_base, stride_kt, stride_vt, x_full, x_len, x_len, 0,
@@ -385,14 +397,7 @@ def _bwd_dq(Q, K, V, dOut, Lse, Delta, dQ, cu_q, cu_k, Parent, qk_scale, sm_scal
 
     k_base = K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
-    if CAUSAL:
-        diag = k_len - q_len
-        n_hi = tl.minimum(k_len, m_hi + diag)
-        n_full = tl.maximum(tl.minimum(k_len, m_lo + diag + 1), 0) // BLOCK_N * BLOCK_N
-    else:
-        diag = 0
-        n_hi = k_len
-        n_full = k_len // BLOCK_N * BLOCK_N
+    diag, n_full, n_hi = _own_key_blocks(q_len, k_len, m_lo, m_hi, BLOCK_N, CAUSAL)
     dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, 0, n_full, k_len, diag,
                    offs_m, offs_d, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL, PRECISION)
     dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, n_full, n_hi, k_len, diag,
@@ -549,7 +554,8 @@ def _no_parent_on_reference(parent):
 
 def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                    parent=None):
-    """Attention output (total_q, Hq, D) in q's dtype and lse (Hq, total_q) fp32; no autograd."""
+    """Attention output (total_q, Hq, D) in q's dtype and lse (Hq, total_q) fp32 (fp64 for fp64
+    inputs, PyTorch path); no autograd."""
     triton_path = use_triton(q, k, v)
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, parent, triton_path)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
@@ -557,7 +563,7 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         if q.device.type != "cpu":  # SPELL_KERNELS=torch on a GPU: the plain reference, for debugging
             _no_parent_on_reference(parent)
             out, lse = reference.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
-            return out, lse.float()
+            return out, lse if lse.dtype == torch.float64 else lse.float()
         return attn_cpu.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, parent)
     _check_max_seqlen(cu_seqlens_q, max_seqlen_q, "max_seqlen_q")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -611,7 +617,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     q (total_q, Hq, D), k/v (total_k, Hkv, D) with Hq % Hkv == 0; cu_seqlens_* int32 (batch+1,);
     max_seqlen_* the longest segment (sizes the GPU grid). Returns out (total_q, Hq, D), and
-    lse (Hq, total_q) fp32 when return_lse. Differentiable in q, k, v.
+    lse (Hq, total_q) fp32 (fp64 for fp64 inputs) when return_lse. Differentiable in q, k, v.
     """
     out, lse = FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          softmax_scale, causal, None)

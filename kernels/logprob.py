@@ -23,10 +23,9 @@ gradients in the same pass, so the logits are computed once instead of twice.
 import math
 
 import torch
-import triton
-import triton.language as tl
 
 from ._dispatch import use_triton
+from ._triton import tl, triton
 
 # Bytes of logits one chunk may hold. CPU: 128 MB measured faster than 32 MB on 2 busy cores
 # (fewer, larger parallel regions) and keeps the whole op near 4 % of the naive path's peak

@@ -2,10 +2,9 @@
 attention). Triton kernel for CUDA tensors, PyTorch for CPU tensors; both differentiable."""
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from ._dispatch import use_triton
+from ._triton import tl, triton
 
 
 @triton.jit

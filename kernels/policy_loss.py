@@ -142,6 +142,11 @@ def policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, clip_lo
     (A > 0 and r > 1 + clip_high), dual_clip_frac (with dual_clip), approx_kl (the k3
     estimator of KL(pi_old || pi): mean of r - 1 - log r, >= 0), ratio_mean, ratio_min,
     ratio_max, num_tokens, and entropy (mean, with return_entropy=True).
+
+    No masked-in token (N = 0 included): the loss is 0, still connected to hidden and weight
+    (backward gives zero gradients); num_tokens is 0, the means are 0 and ratio_mean, ratio_min
+    and ratio_max are 1 (the ratio of a policy that has not moved). When combining calls, weight
+    the means by num_tokens and skip calls with num_tokens 0 in min/max.
     """
     validate_logprob_inputs(hidden, weight, targets, temperature, ignore_index)
     if hidden.dim() != 2:
@@ -170,14 +175,18 @@ def _stats(logp, old, advantages, valid, entropy, clip_low, clip_high, dual_clip
     def mean(x):
         return (x.float() * valid).sum() / count.clamp(min=1.0)
 
+    def extreme(reduce, empty):  # over the masked-in tokens; an appended `empty` keeps zero rows reducible
+        values = torch.cat([torch.where(valid, ratio, empty), ratio.new_full((1,), empty)])
+        return torch.where(count > 0, reduce(values), 1.0)
+
     log_ratio = (logp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     stats = {
         "clip_frac_low": mean(clipped & (advantages < 0)),
         "clip_frac_high": mean(clipped & (advantages > 0)),
         "approx_kl": mean(ratio - 1.0 - log_ratio),
-        "ratio_mean": mean(ratio),
-        "ratio_min": torch.where(count > 0, torch.where(valid, ratio, math.inf).min(), 1.0),
-        "ratio_max": torch.where(count > 0, torch.where(valid, ratio, -math.inf).max(), 1.0),
+        "ratio_mean": torch.where(count > 0, mean(ratio), 1.0),
+        "ratio_min": extreme(torch.min, math.inf),
+        "ratio_max": extreme(torch.max, -math.inf),
         "num_tokens": count,
     }
     if dual_clip is not None:

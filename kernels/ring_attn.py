@@ -7,9 +7,10 @@ trailing pad tokens change no real token's output). `cu_seqlens` and `max_seqlen
 `ring_flash_attn_varlen_func` describe the local shard: each sequence's global length / R.
 
 K/V travel once around the ring (torch.distributed.batch_isend_irecv), each step's transfer
-overlapped with the attention of the block already held; block results are merged in fp32
-by log-sum-exp. The backward sends K/V around again and passes the fp32 dK/dV accumulators
-around a second ring, so that each rank ends with the gradients of its own K/V.
+overlapped with the attention of the block already held; block results are merged by
+log-sum-exp in fp32 (fp64 for fp64 inputs). The backward sends K/V around again and passes the
+dK/dV accumulators (same precision) around a second ring, so that each rank ends with the
+gradients of its own K/V.
 
 With causal attention the zigzag layout balances the work: at step s rank r holds the K/V of
 rank src = r - s (mod R) and computes
@@ -97,6 +98,7 @@ def _group_rank_and_size(group):
 def _ring_forward(q, k, v, cu_seqlens, max_seqlen, halves, scale, causal, group, rank, world_size):
     if world_size == 1:
         return varlen_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale, causal)
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
     ring = _Ring(group, rank, world_size, _KV_TAGS)
     q_back = q[halves.back] if causal else None
     for step in range(world_size):
@@ -116,12 +118,13 @@ def _ring_forward(q, k, v, cu_seqlens, max_seqlen, halves, scale, causal, group,
                                               max_seqlen, scale, False)
                 back_rows_only = True
             if step == 0:
-                out, lse = out_b.float(), lse_b.float()
+                out, lse = out_b.to(acc_dtype), lse_b.to(acc_dtype)
             elif back_rows_only:
                 back = halves.back
-                out[back], lse[:, back] = merge_attn_states(out[back], lse[:, back], out_b, lse_b)
+                out_m, lse_m = merge_attn_states(out[back], lse[:, back], out_b, lse_b)
+                out[back], lse[:, back] = out_m.to(acc_dtype), lse_m.to(acc_dtype)
             else:
-                out, lse = merge_attn_states(out, lse, out_b, lse_b)
+                out, lse = (t.to(acc_dtype) for t in merge_attn_states(out, lse, out_b, lse_b))
         if step + 1 < world_size:
             k, v = ring.wait("ring_attn::wait_kv")
     return out.to(q.dtype), lse
@@ -132,6 +135,7 @@ def _ring_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, halves, scal
     if world_size == 1:
         return varlen_backward(dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale,
                                causal)
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
     kv_ring = _Ring(group, rank, world_size, _KV_TAGS)
     grad_ring = _Ring(group, rank, world_size, _GRAD_TAGS)
     if causal:
@@ -156,11 +160,11 @@ def _ring_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, halves, scal
                                                    cu_seqlens, halves.max_half, max_seqlen, scale, False)
                 q_rows, kv_rows = halves.back, slice(None)
             if step == 0:
-                dq = dq_b.float()
+                dq = dq_b.to(acc_dtype)
             else:
                 dq[q_rows] += dq_b
-        if step == 0:  # the fp32 accumulators of this rank's K/V start here and go round the ring
-            dk, dv = dk_b.float(), dv_b.float()
+        if step == 0:  # the accumulators of this rank's K/V start here and go round the ring
+            dk, dv = dk_b.to(acc_dtype), dv_b.to(acc_dtype)
         else:  # the accumulators of the K/V now held, filled by the ranks that held them before
             dk, dv = grad_ring.wait("ring_attn::wait_grad")
             dk[kv_rows] += dk_b

@@ -33,7 +33,8 @@ def shared_prefix_attn_func(q, k, v, cu_seqlens, max_seqlen, parent, softmax_sca
 
     q (T, Hq, D), k/v (T, Hkv, D) packed alike; cu_seqlens int32 (S+1,); max_seqlen the longest
     segment; parent int32 (S,), -1 for none, one level deep (a parent has no parent of its own).
-    Returns out (T, Hq, D), and lse (Hq, T) fp32 when return_lse. Differentiable in q, k, v.
+    Returns out (T, Hq, D), and lse (Hq, T) fp32 (fp64 for fp64 inputs) when return_lse.
+    Differentiable in q, k, v.
     """
     out, lse = FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale,
                                          causal, parent)

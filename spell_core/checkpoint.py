@@ -6,16 +6,16 @@ atomic: a folder is written under a temporary name next to its destination and r
 into place, so an interrupted save never leaves a half-written checkpoint behind.
 """
 import json
-import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from spell_core import durable
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -135,15 +135,17 @@ def save_checkpoint(folder, config: dict, tensors: dict[str, torch.Tensor],
     whatever `write_extra(tmp_folder)` adds (tokenizer files), atomically: an existing
     folder is replaced only once the new one is complete."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"cannot save a checkpoint to {folder}: a file with that name exists")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = durable.temporary_sibling(folder)
     tmp.mkdir()
     try:
         _write_weights(tmp, tensors, max_shard_bytes)
         if write_extra is not None:
             write_extra(tmp)
-        _write_text(tmp / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _replace_folder(tmp, folder)
+        durable.write_text(tmp / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        durable.replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -171,35 +173,10 @@ def _write_weights(folder: Path, tensors: dict[str, torch.Tensor], max_shard_byt
     for name, shard in zip(names, shards):
         path = folder / name
         save_file({k: v.detach().to("cpu").contiguous() for k, v in shard.items()}, path, metadata={"format": "pt"})
-        _fsync(path)
+        durable.fsync(path)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
             "weight_map": {k: name for name, shard in zip(names, shards) for k in shard},
         }
-        _write_text(folder / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.write_text(text)
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_folder(new: Path, folder: Path) -> None:
-    if not folder.exists():
-        os.replace(new, folder)
-        return
-    if not folder.is_dir():
-        raise CheckpointError(f"cannot save a checkpoint to {folder}: a file with that name exists")
-    old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(folder, old)
-    os.replace(new, folder)
-    shutil.rmtree(old, ignore_errors=True)
+        durable.write_text(folder / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -37,12 +37,9 @@ class RingAttention:
         self.cu_seqlens, self.max_seqlen, self.group, self.softmax_scale = cu_seqlens, max_seqlen, group, softmax_scale
 
     def __call__(self, layer_idx: int, q, k, v):
-        dtype = q.dtype
-        if dtype == torch.float64:  # the ring accumulates in fp32 and fails on fp64 blocks: run it in fp32
-            q, k, v = q.float(), k.float(), v.float()
-        out = spell_kernels.ring_flash_attn_varlen_func(q, k, v, self.cu_seqlens, self.max_seqlen,
-                                                        softmax_scale=self.softmax_scale, causal=True, group=self.group)
-        return out.to(dtype)
+        return spell_kernels.ring_flash_attn_varlen_func(q, k, v, self.cu_seqlens, self.max_seqlen,
+                                                         softmax_scale=self.softmax_scale, causal=True,
+                                                         group=self.group)
 
 
 @dataclass
@@ -96,15 +93,12 @@ def micro_batch_loss(trainer, mb, global_count: int):
     rows = shard.loss_rows
     targets, old, advantages = mb.targets[rows], mb.old_logprobs[rows], _token_weighted_advantages(mb, opts.agg)[rows]
     mask = torch.ones_like(targets, dtype=torch.bool)
-    hidden_rows = shard.hidden_rows
-    if rows.numel() == 0:  # nothing to score here: one masked-out row keeps every rank's graph the same
-        hidden_rows = torch.zeros(1, dtype=torch.long, device=hidden.device)
-        targets, mask = targets.new_zeros(1), mask.new_zeros(1)
-        old, advantages = old.new_zeros(1), advantages.new_zeros(1)
-    # every aggregation is token-mean with weights folded into the advantages (see _token_weighted_advantages)
+    # A rank may hold no loss row: policy_loss then returns a zero still connected to the graph, so
+    # this rank's backward joins the ring's collectives like every other rank's. Every aggregation
+    # is token-mean with weights folded into the advantages (see _token_weighted_advantages).
     return spell_kernels.policy_loss(
-        hidden[hidden_rows].to(weight.dtype), weight, targets, old if opts.use_sampler_logprobs else None, advantages,
-        mask, clip_low=opts.clip_low, clip_high=opts.clip_high, dual_clip=opts.dual_clip, agg="token-mean",
+        hidden[shard.hidden_rows].to(weight.dtype), weight, targets, old if opts.use_sampler_logprobs else None,
+        advantages, mask, clip_low=opts.clip_low, clip_high=opts.clip_high, dual_clip=opts.dual_clip, agg="token-mean",
         temperature=opts.temperature, return_entropy=opts.entropy, global_count=global_count)
 
 

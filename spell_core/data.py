@@ -21,11 +21,12 @@ pieces keep the document's place and get ids `<id>#1`, `<id>#2`, ….
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
+
+from spell_core.textfiles import jsonl_objects, read_utf8
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl")
 
@@ -87,20 +88,8 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
-def _read_utf8(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise CorpusError(
-            f"{path}: byte offset {err.start} (0x{data[err.start]:02x}) is not valid UTF-8; "
-            "convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
-        ) from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
 def _text_documents(path: Path, work: str, markdown: bool) -> list[Document]:
-    text = strip_gutenberg(_read_utf8(path))
+    text = strip_gutenberg(read_utf8(path, CorpusError))
     pieces = split_play(text)
     if len(pieces) == 1 and markdown:
         pieces = _split_at_markdown_headings(text)
@@ -112,16 +101,7 @@ def _text_documents(path: Path, work: str, markdown: bool) -> list[Document]:
 
 def _jsonl_documents(path: Path, work: str) -> list[Document]:
     documents = []
-    for number, line in enumerate(_read_utf8(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CorpusError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise CorpusError(f"{where}: expected a JSON object with 'id' and 'text', got {type(record).__name__}")
+    for where, record in jsonl_objects(path, CorpusError, expected="a JSON object with 'id' and 'text'"):
         for key in ("id", "text"):
             if key not in record:
                 raise CorpusError(f"{where}: missing field {key!r} (a line needs 'id' and 'text', 'cluster' is optional)")

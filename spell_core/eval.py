@@ -24,6 +24,7 @@ from pathlib import Path
 from spell_core.roles import (DOC_MC, TASK_TYPES, Task, build_responder_prompt, build_verifier_prompt,
                               extract_answer, parse_verdict, responder_reward, rule_reward, verifier_majority)
 from spell_core.roles.text import CHOICE_LETTERS
+from spell_core.textfiles import jsonl_objects
 
 
 class EvalDataError(ValueError):
@@ -50,22 +51,13 @@ def load_eval_data(path) -> list[EvalItem]:
     path = Path(path)
     if not path.is_file():
         raise EvalDataError(f"{path}: no such file; --data takes a .jsonl file of questions")
-    items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            items.append(_parse_line(line, f"{path}:{number}"))
+    items = [_parse_record(record, where) for where, record in jsonl_objects(path, EvalDataError)]
     if not items:
         raise EvalDataError(f"{path}: no questions (the file is empty)")
     return items
 
 
-def _parse_line(line: str, where: str) -> EvalItem:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise EvalDataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(record, dict):
-        raise EvalDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+def _parse_record(record: dict, where: str) -> EvalItem:
     missing = [k for k in ("context", "question", "answer", "type") if k not in record]
     if missing:
         raise EvalDataError(f"{where}: missing field(s) {', '.join(missing)} (a line needs context, question, "

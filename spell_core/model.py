@@ -205,13 +205,6 @@ class VarlenCausalAttention:
                                                     self.max_seqlen, self.max_seqlen, causal=True)
 
 
-def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """0..L-1 for each packed sequence."""
-    lengths = cu_seqlens.diff().long()
-    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
-    return torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - starts
-
-
 class CausalLM(nn.Module):
     """Decoder + LM head. `lm_head_weight` is the (V, H) head (the embedding when tied)."""
 
@@ -235,7 +228,7 @@ class CausalLM(nn.Module):
         causal attention within each sequence of cu_seqlens."""
         cu_seqlens = _check_packed(input_ids, cu_seqlens, position_ids)
         if position_ids is None:
-            position_ids = position_ids_from_cu_seqlens(cu_seqlens)
+            position_ids = spell_kernels.position_ids_from_cu_seqlens(cu_seqlens)
         if attn is None:
             attn = VarlenCausalAttention(cu_seqlens)
         c = self.config

@@ -29,13 +29,13 @@ import os
 import random
 import re
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from spell_core import checkpoint as ckpt
+from spell_core import durable
 from spell_core.model import CausalLM, save_pretrained
 
 __all__ = ["save", "load", "find_latest", "list_checkpoints", "checkpoint_dir", "CHECKPOINTS", "COMPLETE"]
@@ -100,20 +100,20 @@ def _write(out_dir, step: int, write_model, optimizer_state: dict | None, state_
     root = Path(out_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(out_dir, step)
-    tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = durable.temporary_sibling(final)
     try:
         write_model(tmp)  # creates tmp (itself atomically)
         if optimizer_state is not None:
             _save_torch(optimizer_state, tmp / OPTIMIZER)
         _save_torch(_rng_state(generators or {}), tmp / RNG)
-        _write_text(tmp / STATE, state_text + "\n")
-        _write_text(tmp / COMPLETE, f"step {step}\n")
-        _fsync(tmp)
-        _move_into_place(tmp, final)
+        durable.write_text(tmp / STATE, state_text + "\n")
+        durable.write_text(tmp / COMPLETE, f"step {step}\n")
+        durable.fsync(tmp)
+        durable.replace_folder(tmp, final)  # the same step saved again: the old folder goes once tmp is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(root)
+    durable.fsync(root)
     _point_latest(root, final.name)
     _prune(out_dir, root, keep_last, final)
     return final
@@ -310,37 +310,12 @@ def _set_rng_state(state: dict, generators: dict[str, torch.Generator], folder: 
 
 def _save_torch(obj, path: Path) -> None:
     torch.save(obj, path)
-    _fsync(path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.write_text(text)
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _move_into_place(tmp: Path, final: Path) -> None:
-    """Rename tmp to final; a complete folder already there (the same step saved again) is
-    replaced only once tmp is in place."""
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    durable.fsync(path)
 
 
 def _point_latest(root: Path, name: str) -> None:
     link = root / LATEST
-    tmp = root / f".{LATEST}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = durable.temporary_sibling(link)
     try:
         os.symlink(name, tmp)
         os.replace(tmp, link)

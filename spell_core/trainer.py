@@ -359,10 +359,9 @@ def _combine_stats(stats: list[dict]) -> dict:
         values = torch.stack([s[key] for s in stats])
         if key == "num_tokens":
             continue
-        if key == "ratio_min":
-            out[key] = values.min()
-        elif key == "ratio_max":
-            out[key] = values.max()
+        if key in ("ratio_min", "ratio_max"):  # a micro-batch without tokens reports 1: not a real extreme
+            values = values[counts > 0] if bool((counts > 0).any()) else values
+            out[key] = values.min() if key == "ratio_min" else values.max()
         else:
             out[key] = (values * counts).sum() / counts.sum().clamp(min=1.0)
     return {k: float(v) for k, v in out.items()}

@@ -38,6 +38,7 @@ SCENE I. The well.
 
 ANN. Here lies the stone, and under it the key.
 """
+NOTES = [f"Note {i}: the lantern hangs by door {i}." for i in range(1, 8)]  # one line each in notes.jsonl
 
 
 def make_tiny_model(folder, tokenizer_source, seed: int = 0):
@@ -56,10 +57,10 @@ def make_tiny_model(folder, tokenizer_source, seed: int = 0):
 
 
 def make_tiny_corpus(folder):
+    """play.txt (PLAY) and notes.jsonl (NOTES, cluster "notes") in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "play.txt").write_text(PLAY)
-    lines = [{"id": f"n{i}", "text": f"Note {i}: the lantern hangs by door {i}.", "cluster": "notes"}
-             for i in range(1, 8)]
+    lines = [{"id": f"n{i}", "text": text, "cluster": "notes"} for i, text in enumerate(NOTES, 1)]
     (folder / "notes.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     return folder
 
@@ -171,7 +172,7 @@ def _pause_in_checkpoint_write(where: str, step: int, marker: Path) -> None:
     safetensors file, "marker": just before COMPLETE), touching `marker` first."""
     import time
 
-    from spell_core import checkpoint, train_state
+    from spell_core import checkpoint, durable, train_state
 
     def pause():
         marker.write_text("paused")
@@ -186,13 +187,13 @@ def _pause_in_checkpoint_write(where: str, step: int, marker: Path) -> None:
                 pause()
         checkpoint._write_weights = write_weights
     else:
-        original_text = train_state._write_text
+        original_text = durable.write_text
 
         def write_text(path, text):
             if path.name == train_state.COMPLETE and f"step-{step:06d}" in str(path.parent):
                 pause()
             original_text(path, text)
-        train_state._write_text = write_text
+        durable.write_text = write_text
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ variables, so `init_distributed` runs exactly as under torchrun.
 Tolerances (float64 models): loss and gradient norm rel 1e-9; weights after the AdamW step
 within 1e-9 x lr. AdamW's eps is 1e-3 here so that an update is a smooth function of the
 gradient (with eps 1e-8 a gradient element near 0 turns a 1e-16 difference into a visible
-step); the ring's block merge is fp32 (context-parallel tests), so those use 1e-6 x lr.
+step); the context-parallel tests compare two packings whose gradients round differently in
+the model's fp32 RMSNorm, so those use 1e-5 x lr.
 """
 import datetime
 import os

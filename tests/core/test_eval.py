@@ -64,6 +64,16 @@ def test_malformed_lines_name_file_and_line(tmp_path, line, message):
     assert str(info.value).startswith(f"{path}:3: ") and message in str(info.value)
 
 
+def test_bom_crlf_and_bad_bytes(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\r\n\r\n" + json.dumps(GOOD).encode() + b"\r\n")
+    assert [item.where for item in load_eval_data(path)] == [f"{path}:1", f"{path}:3"]
+    path.write_bytes(json.dumps({**GOOD, "answer": "caf\u00e9"}, ensure_ascii=False).encode("latin-1"))
+    offset = json.dumps({**GOOD, "answer": "caf"}).index('caf"') + 3  # where the latin-1 e-acute byte sits
+    with pytest.raises(EvalDataError, match=rf"data.jsonl: byte offset {offset} \(0xe9\) is not valid UTF-8"):
+        load_eval_data(path)
+
+
 def test_missing_and_empty_files(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "none.jsonl")]) == 1
     assert "no such file" in capsys.readouterr().err

@@ -7,7 +7,8 @@ import torch
 import transformers
 
 from spell_core.assets import resolve_model
-from spell_core.model import CausalLM, ModelConfig, load_pretrained, with_rope_scaling
+from spell_core.model import ModelConfig, load_pretrained, with_rope_scaling
+from tests.core.tiny_models import ours_from_hf, perturbed_hf_model
 
 LOGIT_TOL = 1e-4  # float32, max abs difference (the issue's bound)
 VOCAB = 97
@@ -44,26 +45,8 @@ LENGTHS = [5, 1, 17, 40]  # odd lengths, a single token, and past the native con
 
 
 def make_hf_model(name: str, seed: int = 0):
-    """A random transformers model; every weight (norms and biases too) perturbed off its init."""
     config_cls, kwargs = CASES[name]
-    torch.manual_seed(seed)
-    config = config_cls(vocab_size=VOCAB, num_hidden_layers=2, **kwargs)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def ours_from_hf(hf_model) -> CausalLM:
-    """Our model from the config.json transformers would write and the same weights."""
-    config = ModelConfig.from_hf(json.loads(hf_model.config.to_json_string()))
-    model = CausalLM(config)
-    state = hf_model.state_dict()
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    model.load_state_dict(state, strict=True)
-    return model
+    return perturbed_hf_model(config_cls(vocab_size=VOCAB, num_hidden_layers=2, **kwargs), seed).eval()
 
 
 def packed(seqs: list[torch.Tensor]):

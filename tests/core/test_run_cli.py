@@ -11,58 +11,25 @@ import pytest
 
 from spell_core.assets import resolve_model
 from spell_core.run import main
+from tests.core.scripted import NOTES, make_tiny_corpus, make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
-
-PLAY = """THE TINY PLAY
-
-PERSONS. Ann, Bob.
-
-ACT I.
-
-SCENE I. A room.
-
-ANN. The key is under the third stone by the well.
-
-SCENE II. A garden.
-
-BOB. Then the well it is, and quickly.
-
-ACT II.
-
-SCENE I. The well.
-
-ANN. Here lies the stone, and under it the key.
-"""
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """A random 2-layer Llama with the default model's tokenizer, saved by transformers."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A random 2-layer Llama with the default model's tokenizer, saved by transformers; its
+    parameter count and tokenizer as transformers reads them back."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder, sum(p.numel() for p in model.parameters()), tokenizer
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny-model"), resolve_model())
+    n_params = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(folder).parameters())
+    return folder, n_params, AutoTokenizer.from_pretrained(folder)
 
 
 @pytest.fixture
 def tiny_corpus(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "play.txt").write_text(PLAY)
-    lines = [{"id": "n1", "text": "A note about wells.", "cluster": "notes"},
-             {"id": "n2", "text": "A note about keys.", "cluster": "notes"}]
-    (corpus / "notes.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    return corpus
+    return make_tiny_corpus(tmp_path / "corpus")
 
 
 def field(output, name):
@@ -85,15 +52,16 @@ def test_cli_prints_configuration_and_statistics_then_stops(tiny_model, tiny_cor
     assert field(output, "parameters").startswith(f"{n_params:,} ")
     assert field(output, "vocabulary").startswith(f"{len(tokenizer):,} ")
     assert field(output, "native ctx").startswith("4,096 tokens (--ctx 6,144 is longer")
-    # the play: front matter + ACT I (scene I) + scene II + ACT II (scene I); the notes: 2 lines
-    assert field(output, "documents").startswith("6 from 2 works")
+    # the play: front matter + ACT I (scene I) + scene II + ACT II (scene I); the notes: one per line
+    assert field(output, "documents").startswith(f"{4 + len(NOTES)} from 2 works")
     play_tokens = [len(tokenizer.encode(t, add_special_tokens=False)) for t in (
         "THE TINY PLAY\n\nPERSONS. Ann, Bob.",
         "ACT I.\n\nSCENE I. A room.\n\nANN. The key is under the third stone by the well.",
         "SCENE II. A garden.\n\nBOB. Then the well it is, and quickly.",
         "ACT II.\n\nSCENE I. The well.\n\nANN. Here lies the stone, and under it the key.")]
-    note_tokens = [len(tokenizer.encode(t, add_special_tokens=False)) for t in ("A note about wells.", "A note about keys.")]
-    assert field(output, "documents").startswith(f"6 from 2 works, {sum(play_tokens) + sum(note_tokens):,} tokens")
+    note_tokens = [len(tokenizer.encode(t, add_special_tokens=False)) for t in NOTES]
+    assert field(output, "documents").startswith(f"{4 + len(NOTES)} from 2 works, "
+                                                 f"{sum(play_tokens) + sum(note_tokens):,} tokens")
     assert field(output, "clusters").startswith("2,")  # everything fits: one cluster per work
     sizes = sorted([sum(play_tokens), sum(note_tokens)])
     assert field(output, "tokens per cluster") == f"min {sizes[0]:,}  median {sum(sizes) / 2:,.0f}  max {sizes[1]:,}"

@@ -5,15 +5,14 @@ prefill, waves vs one batch); stop handling and every input error.
 Small random Llama / Qwen2 / Qwen3 models for most cases; the default SmolLM2 checkpoint
 with chat-template prompts of the default corpus for the parity cases."""
 import copy
-import json
 
 import pytest
 import torch
 import transformers
 
 from spell_core.kv_cache import kv_bytes_per_token
-from spell_core.model import CausalLM, ModelConfig
 from spell_core.sampler import Completion, default_stop_token_ids, generate, sample_seed
+from tests.core.tiny_models import ours_from_hf, perturbed_hf_model
 
 LOGPROB_TOL = 1e-5  # fp32, max abs difference (the issue's bound)
 VOCAB = 101
@@ -31,19 +30,9 @@ TINY = {
 def tiny_pair(arch="llama", seed=0, vocab=VOCAB, **overrides):
     """(transformers model, our model) with the same random weights, every weight perturbed."""
     config_cls, kwargs = TINY[arch]
-    torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(
-        config_cls(vocab_size=vocab, num_hidden_layers=2, **{**kwargs, **overrides}), dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    ours = CausalLM(ModelConfig.from_hf(json.loads(hf.config.to_json_string())))
+    hf = perturbed_hf_model(config_cls(vocab_size=vocab, num_hidden_layers=2, **{**kwargs, **overrides}), seed).eval()
     hf.generation_config.eos_token_id = None  # hf_greedy says which eos ids stop
-    state = hf.state_dict()
-    if ours.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    ours.load_state_dict(state, strict=True)
-    return hf, ours
+    return hf, ours_from_hf(hf)
 
 
 def random_prompts(lengths, seed=1, vocab=VOCAB):

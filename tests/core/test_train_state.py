@@ -168,7 +168,7 @@ def test_clear_errors(tmp_path):
 # tiny_model() itself, without importing this module (transformers' import costs seconds).
 _CHILD = textwrap.dedent("""
     import json, sys, time, torch
-    from spell_core import checkpoint, train_state
+    from spell_core import durable, train_state
     from spell_core.model import CausalLM, ModelConfig
     out, point, raw = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     torch.manual_seed(0)
@@ -191,9 +191,9 @@ _CHILD = textwrap.dedent("""
         return wrapper
 
     if point == "model_weights":  # inside save_pretrained, weights written, config.json not yet
-        checkpoint._write_text = hang(checkpoint._write_text, lambda path, text: path.name == "config.json")
+        durable.write_text = hang(durable.write_text, lambda path, text: path.name == "config.json")
     elif point == "before_marker":  # model, optimizer, rng and state written
-        train_state._write_text = hang(train_state._write_text, lambda path, text: path.name == "COMPLETE")
+        durable.write_text = hang(durable.write_text, lambda path, text: path.name == "COMPLETE")
     elif point == "after_rename":  # step 2 complete and in place, latest link and pruning not done
         train_state._point_latest = hang(train_state._point_latest, lambda *a: True)
     train_state.save(out, 2, model, None, optimizer, {"step": 2})

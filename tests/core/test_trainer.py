@@ -4,15 +4,15 @@ formula by hand, token-mean over all trajectories, autograd; AdamW = torch.optim
 those gradients after clipping them by hand. Whatever the packing (shared prefix or plain,
 one micro-batch or many, groups split across micro-batches), the step must equal it."""
 import copy
-import json
 
 import pytest
 import torch
 import transformers
 
 from spell_core.batch import Trajectory
-from spell_core.model import CausalLM, ModelConfig
+from spell_core.model import CausalLM
 from spell_core.trainer import Trainer, TrainerOptions, TrainingOutOfMemoryError, plan_micro_batches
+from tests.core.tiny_models import ours_from_hf, perturbed_hf_model
 
 VOCAB = 61
 TEMPERATURE = 0.7
@@ -27,19 +27,9 @@ ARCHS = {
 def tiny_models(arch="llama", dtype=torch.float64, seed=0):
     """(transformers model, our CausalLM) with the same random weights, perturbed off their init."""
     config_cls, kwargs = ARCHS[arch]
-    torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(
-        config_cls(vocab_size=VOCAB, num_hidden_layers=2, **kwargs), dtype=torch.float32,
-        attn_implementation="eager")
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    ours = CausalLM(ModelConfig.from_hf(json.loads(hf.config.to_json_string())))
-    state = hf.state_dict()
-    if ours.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    ours.load_state_dict(state, strict=True)
-    return hf.to(dtype), ours.to(dtype)
+    hf = perturbed_hf_model(config_cls(vocab_size=VOCAB, num_hidden_layers=2, **kwargs), seed,
+                            attn_implementation="eager")
+    return hf.to(dtype), ours_from_hf(hf).to(dtype)
 
 
 def reference_logprobs(model, t: Trajectory, temperature=TEMPERATURE):

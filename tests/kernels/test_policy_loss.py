@@ -102,6 +102,28 @@ def test_a_sequence_with_no_trained_tokens_does_not_count():
     assert loss.item() == pytest.approx(-2.0)
 
 
+@pytest.mark.parametrize("rows", [0, 3])  # no rows at all; rows that are all masked out
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_nothing_to_train_gives_a_zero_loss_that_backpropagates(kernel_path, rows, agg):
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(rows, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 8, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 50, (rows,), generator=gen)
+    old = torch.full((rows,), -3.0)
+    cu = torch.tensor([0, rows], dtype=torch.int32)
+    loss, stats = sk.policy_loss(hidden, weight, targets, old, torch.ones(rows), torch.zeros(rows, dtype=torch.bool),
+                                 dual_clip=3.0, agg=agg, cu_seqlens=cu, global_count=4, return_entropy=True)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert hidden.grad.shape == hidden.shape and not hidden.grad.any()
+    assert weight.grad.shape == weight.shape and not weight.grad.any()
+    assert stats["num_tokens"].item() == 0
+    for key in ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "entropy"):
+        assert stats[key].item() == 0.0, key
+    for key in ("ratio_mean", "ratio_min", "ratio_max"):  # documented: 1 when no token trains
+        assert stats[key].item() == 1.0, key
+
+
 def test_ratio_is_exactly_one_on_policy(kernel_path):
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(20, 16, generator=gen)
