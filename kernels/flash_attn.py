@@ -527,11 +527,26 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, parent, triton_path):
     if parent is not None and (parent.dtype != torch.int32 or parent.shape != (cu_seqlens_q.numel() - 1,)):
         raise ValueError(f"parent must be int32 of shape (num_segments,) = ({cu_seqlens_q.numel() - 1},); "
                          f"got {parent.dtype} with shape {tuple(parent.shape)}")
+    _check_offsets(cu_seqlens_q, q.shape[0], "cu_seqlens_q", "q")
+    _check_offsets(cu_seqlens_k, k.shape[0], "cu_seqlens_k", "k/v")
     if triton_path:
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"the Triton kernels take float16, bfloat16 or float32; got {q.dtype}")
         if q.shape[2] > MAX_HEAD_DIM:
             raise ValueError(f"head_dim {q.shape[2]} > {MAX_HEAD_DIM} is not supported by the Triton kernels")
+
+
+def _check_offsets(cu, total, name, tensors):
+    """On CPU (no device sync) the offsets are checked against the packed tensors: a wrong
+    total would otherwise read past them, or crash PyTorch's CPU kernel outright."""
+    if cu.device.type != "cpu" or cu.numel() == 0:
+        return
+    offsets = cu.tolist()
+    if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{name} must start at 0 and never decrease; got {offsets[:8]}{' ...' if len(offsets) > 8 else ''}")
+    if offsets[-1] != total:
+        raise ValueError(f"{name} ends at {offsets[-1]} but {tensors} holds {total} tokens: "
+                         "the offsets must describe exactly the packed tokens")
 
 
 def _last_dim_contiguous(t):

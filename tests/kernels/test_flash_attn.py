@@ -237,6 +237,10 @@ def test_bad_inputs_raise_clear_errors(monkeypatch, mode):
         flash_attn_varlen_func(q, k, v, cu, cu_seqlens([2, 3]), 5, 5)
     with pytest.raises(ValueError, match="share one dtype"):
         flash_attn_varlen_func(q, k.half(), v.half(), cu, cu, 5, 5)
+    with pytest.raises(ValueError, match="ends at 7 but q holds 5 tokens"):
+        flash_attn_varlen_func(q, k, v, cu_seqlens([7]), cu, 7, 5)
+    with pytest.raises(ValueError, match="never decrease"):
+        flash_attn_varlen_func(q, k, v, torch.tensor([0, 4, 3, 5], dtype=torch.int32), cu_seqlens([2, 1, 2]), 5, 5)
     if mode == "triton":
         with pytest.raises(ValueError, match="max_seqlen_q"):
             flash_attn_varlen_func(q, k, v, cu, cu, 4, 5)
