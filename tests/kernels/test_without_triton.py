@@ -25,6 +25,7 @@ class NoTriton(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, NoTriton())
 import torch
+torch.set_num_threads(int(sys.argv[2]))  # the parent's count: CPU reductions split by thread count
 from tests.kernels.test_without_triton import every_op, triton_refusals
 results = every_op()
 results["refusals"] = triton_refusals()
@@ -114,7 +115,7 @@ def test_every_op_runs_without_triton(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("SPELL_KERNELS", "TRITON_INTERPRET")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     result_path = tmp_path / "results.pt"
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(result_path)], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(result_path), str(torch.get_num_threads())], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     child = torch.load(result_path, weights_only=False)
