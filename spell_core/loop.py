@@ -166,7 +166,7 @@ class SelfPlay:
         fitting = [(q, p) for q, p in zip(questions, prompts) if q.status == Status.OK]
         outputs = self._generate("responder", [p for _, p in fitting], g, self.options.responder_tokens, stats)
         for (q, prompt), samples in zip(fitting, outputs):
-            answers = [extract_answer(s.text) for s in samples]
+            answers = [extract_answer(s.text, q.task.task_type) for s in samples]
             rules = [rule_reward(q.task, a) for a in answers]
             q.responder = ResponderGroup(q.id, prompt, samples, answers, rules, [None] * g, list(rules))
 
