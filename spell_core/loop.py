@@ -71,7 +71,8 @@ class SelfPlay:
         self.config = config = config or RunConfig()
         self.options = config.loop
         _check_options(config)
-        self.memory = HistoryMemory(self.options.memory_capacity, self.options.new_documents)
+        self.memory = HistoryMemory(self.options.memory_capacity, self.options.new_documents,
+                                    self.options.memory_admission)
         self.rng = random.Random(config.seed)
         self.steps_done = 0
         self._generate_fn = generate
@@ -126,7 +127,8 @@ class SelfPlay:
         """Questioner: one sample per (cluster, task type) drawn; parsed into tasks."""
         picks, shown, prompts = [], [], []
         for _ in range(self.options.questions):
-            cluster, task_type = self.rng.choice(self.clusters), self.rng.choice(TASK_TYPES)
+            cluster = self.rng.choice(self.clusters)
+            task_type = self.rng.choice(tuple(getattr(cluster, "tasks", TASK_TYPES)))  # equal weight
             documents = self.memory.select_documents(cluster, task_type, self.rng)
             history = self.memory.entries(cluster.id, task_type)
             prompt = build_questioner_prompt(self.tokenizer, documents, task_type, history).input_ids
