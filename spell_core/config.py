@@ -48,6 +48,8 @@ class DataOptions:
     # room for the role prompt around the documents (instructions, document tags, history
     # memory, the question): the model's context must hold ctx + prompt_tokens + response
     prompt_tokens: int = 1024
+    # --tasks options: "TYPES" (whole corpus) or "PREFIX=TYPES"; see spell_core/task_types.py
+    tasks: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 No model or sampler here: the loop renders prompts with these builders, generates, and
 hands the texts back to the parsers and reward functions."""
 from .answers import boxed_contents, extract_answer
-from .chat import Prompt, render_documents, render_prompt, token_counter
+from .chat import Prompt, render_documents, render_prompt, thinking_template_kwargs, token_counter
 from .questioner import SPAN_TOKEN_LIMIT, build_questioner_prompt, parse_questioner_output
 from .responder import answered_without_documents, build_grounding_prompt, build_responder_prompt, render_question
 from .rewards import (BAD_FORMAT_REWARD, BAD_GROUND_REWARD, QUESTIONER_SCHEMES, REL_TOL, SCALE_FACTORS, SIGMA,
@@ -19,5 +19,5 @@ __all__ = [
     "build_verifier_prompt", "choice_match", "cover_exact_match", "extract_answer", "normalize_answer",
     "numbers_match", "numeric_match", "parse_choice", "parse_number", "parse_questioner_output", "parse_verdict",
     "questioner_reward", "render_documents", "render_prompt", "render_question", "responder_reward",
-    "rule_reward", "strip_thinking", "token_counter", "verifier_majority", "verifier_rewards",
+    "rule_reward", "strip_thinking", "thinking_template_kwargs", "token_counter", "verifier_majority", "verifier_rewards",
 ]
