@@ -95,8 +95,9 @@ def zscores(values):
 
 
 @pytest.fixture
-def doc_qa_only(monkeypatch):
-    monkeypatch.setattr("spell_core.loop.TASK_TYPES", ("doc_qa",))
+def doc_qa_only(tiny, monkeypatch):
+    for cluster in tiny[2]:  # clusters that allow doc_qa only: the questioner asks nothing else
+        monkeypatch.setattr(cluster, "tasks", ("doc_qa",))
 
 
 def run_scenario(tiny, calls=None, **loop):
@@ -170,10 +171,18 @@ def test_statuses_rewards_and_what_trains(tiny, doc_qa_only):
                                                   for s in q[i].responder.samples)
     assert m["nothing_trainable"] is False
 
-    # history memory: only questions with 0 < mean reward < 1 (cases 6 and 7) enter
+    # history memory, released admission (the default): 0.01 <= mean reward <= 1, so case 4 (all
+    # right, r = 1) enters with 6 (r = 3/4) and 7 (r = 1/4); case 5 (r = 0) does not
     entries = [e for key in {(x.cluster_id, "doc_qa") for x in result.questions}
                for e in play.memory.entries(*key)]
-    assert sorted(e.question for e in entries) == ["Which object marks case 6?", "Which object marks case 7?"]
+    assert sorted(e.question for e in entries) == [f"Which object marks case {c}?" for c in (4, 6, 7)]
+
+
+def test_paper_memory_admission_keeps_only_intermediate_rewards(tiny, doc_qa_only):
+    play, result = run_scenario(tiny, memory_admission="paper")
+    entries = [e for key in {(x.cluster_id, "doc_qa") for x in result.questions}
+               for e in play.memory.entries(*key)]
+    assert sorted(e.question for e in entries) == [f"Which object marks case {c}?" for c in (6, 7)]
 
 
 def test_negatives_ratio_and_verifier_share_are_honoured(tiny, doc_qa_only):
