@@ -5,6 +5,7 @@ SPEC.md's "What trains" is hit by a known case; expected rewards and advantages 
 by hand here (Gaussian questioner reward, unbiased z-scores). The last test runs the real
 sampler on the random model: whatever it writes, the step must not raise.
 """
+import collections
 import math
 import re
 import statistics
@@ -176,6 +177,14 @@ def test_statuses_rewards_and_what_trains(tiny, doc_qa_only):
     entries = [e for key in {(x.cluster_id, "doc_qa") for x in result.questions}
                for e in play.memory.entries(*key)]
     assert sorted(e.question for e in entries) == [f"Which object marks case {c}?" for c in (4, 6, 7)]
+
+
+def test_questioner_asks_only_and_equally_the_clusters_task_types(tiny, monkeypatch):
+    for cluster in tiny[2]:
+        monkeypatch.setattr(cluster, "tasks", ("doc_math", "doc_mc"))
+    _, result = run_scenario(tiny, questions=40)  # the scripted QA-style JSON: bad_format / discarded here
+    counts = collections.Counter(q.task_type for q in result.questions)
+    assert set(counts) == {"doc_math", "doc_mc"} and 10 <= counts["doc_math"] <= 30  # equal weight
 
 
 def test_paper_memory_admission_keeps_only_intermediate_rewards(tiny, doc_qa_only):
