@@ -187,6 +187,25 @@ def test_questioner_asks_only_and_equally_the_clusters_task_types(tiny, monkeypa
     assert set(counts) == {"doc_math", "doc_mc"} and 10 <= counts["doc_math"] <= 30  # equal weight
 
 
+THINK_OFF = "<think>\n\n</think>\n\n"
+
+
+@pytest.mark.parametrize("enable_thinking, ends_with_empty_think", [(False, True), (True, False), (None, False)])
+def test_enable_thinking_reaches_the_chat_template_of_every_role(tiny, doc_qa_only, monkeypatch, enable_thinking,
+                                                                 ends_with_empty_think):
+    """A Qwen3-style template: `enable_thinking=false` pre-fills an empty reasoning block."""
+    tokenizer = tiny[1]
+    monkeypatch.setattr(tokenizer, "chat_template", tokenizer.chat_template + (
+        "{% if add_generation_prompt and enable_thinking is defined and not enable_thinking %}"
+        + THINK_OFF + "{% endif %}"))
+    calls = []
+    run_scenario(tiny, calls, enable_thinking=enable_thinking)
+    assert {role for role, *_ in calls} == {"questioner", "grounding", "responder", "verifier"}
+    for role, prompts, *_ in calls:
+        for prompt in prompts:
+            assert tokenizer.decode(prompt).endswith(THINK_OFF) is ends_with_empty_think, role
+
+
 def test_paper_memory_admission_keeps_only_intermediate_rewards(tiny, doc_qa_only):
     play, result = run_scenario(tiny, memory_admission="paper")
     entries = [e for key in {(x.cluster_id, "doc_qa") for x in result.questions}
