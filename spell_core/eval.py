@@ -22,7 +22,8 @@ from math import comb
 from pathlib import Path
 
 from spell_core.roles import (DOC_MC, TASK_TYPES, Task, build_responder_prompt, build_verifier_prompt,
-                              extract_answer, parse_verdict, responder_reward, rule_reward, verifier_majority)
+                              extract_answer, parse_verdict, responder_reward, rule_reward, thinking_template_kwargs,
+                              verifier_majority)
 from spell_core.roles.text import CHOICE_LETTERS
 from spell_core.textfiles import jsonl_objects
 
@@ -94,7 +95,7 @@ def _parse_record(record: dict, where: str) -> EvalItem:
 def evaluate(model, tokenizer, items: Sequence[EvalItem], *, n: int = 8, ks: Sequence[int] = (1, 4, 8),
              temperature: float = 0.7, top_p: float = 0.95, top_k: int = 0, max_new_tokens: int = 4096,
              verifier: bool = False, verifier_samples: int = 8, seed: int = 0, kv_budget_tokens: int | None = None,
-             generate: Callable | None = None, progress: bool = True) -> dict:
+             generate: Callable | None = None, progress: bool = True, enable_thinking: bool | None = None) -> dict:
     """Scores and pass@k per task type and overall (plus every question's correct count)."""
     from spell_core.monitor import progress_bar
 
@@ -106,7 +107,9 @@ def evaluate(model, tokenizer, items: Sequence[EvalItem], *, n: int = 8, ks: Seq
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
     if kv_budget_tokens is not None:
         sampling["kv_budget_tokens"] = kv_budget_tokens
-    prompts = [build_responder_prompt(tokenizer, item.documents, item.task).input_ids for item in items]
+    template = thinking_template_kwargs(tokenizer, enable_thinking)
+    prompts = [build_responder_prompt(tokenizer, item.documents, item.task, template_kwargs=template).input_ids
+               for item in items]
     ctx = model.config.max_position_embeddings
     for item, prompt in zip(items, prompts):
         if len(prompt) >= ctx:
@@ -119,7 +122,8 @@ def evaluate(model, tokenizer, items: Sequence[EvalItem], *, n: int = 8, ks: Seq
     scores = rules
     if verifier:
         judged = [(i, j) for i, row in enumerate(answers) for j, a in enumerate(row) if a is not None]
-        verifier_prompts = [build_verifier_prompt(tokenizer, items[i].task, answers[i][j]).input_ids
+        verifier_prompts = [build_verifier_prompt(tokenizer, items[i].task, answers[i][j],
+                                                  template_kwargs=template).input_ids
                             for i, j in judged]
         majorities = {}
         if verifier_prompts:
@@ -165,7 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", default="1,4,8", help="comma-separated k of pass@k, each <= n (default: 1,4,8)")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: 0.7)")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default: 0.95)")
-    parser.add_argument("--max-new-tokens", type=int, default=4096, help="longest answer in tokens (default: 4096)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="longest answer in tokens (default: 4096; 20480 with --enable-thinking)")
+    parser.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
+                        help="pass enable_thinking to chat templates that read it (Qwen3; SPEC: on for thinking "
+                             "models); everything before the last </think> is dropped (default: the template's)")
     parser.add_argument("--verifier", action="store_true",
                         help="score max(rule reward, verifier majority) instead of the rule reward alone")
     parser.add_argument("--verifier-samples", type=int, default=8, help="judgments per answer (default: 8)")
@@ -211,7 +219,8 @@ def _run(args, items: list[EvalItem], ks: list[int]) -> int:
           f"{len(items)} questions from {args.data}, n={args.n}")
     start = time.perf_counter()
     results = evaluate(model, tokenizer, items, n=args.n, ks=ks, temperature=args.temperature, top_p=args.top_p,
-                       max_new_tokens=args.max_new_tokens, verifier=args.verifier,
+                       max_new_tokens=args.max_new_tokens or (20480 if args.enable_thinking else 4096),
+                       verifier=args.verifier, enable_thinking=args.enable_thinking,
                        verifier_samples=args.verifier_samples, seed=args.seed, kv_budget_tokens=args.kv_budget_tokens,
                        progress=not args.no_progress)
     scoring = "max(rule reward, verifier majority)" if args.verifier else "rule reward"
