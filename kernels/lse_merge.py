@@ -20,8 +20,8 @@ def _merge_kernel(
     """Grid (cdiv(T * H, BLOCK_R),): each row is one (token t, head h) pair, r = t * H + h."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < num_rows
-    t = (rows // num_heads).to(tl.int64)
-    h = rows % num_heads
+    t = (rows // num_heads).to(tl.int64)  # 64-bit offsets: row x stride may pass 2^31 (rows stay
+    h = (rows % num_heads).to(tl.int64)  # int32 for the division, checked by the launcher)
     offs_d = tl.arange(0, BLOCK_D)
     mask = row_mask[:, None] & (offs_d < head_dim)[None, :]
 
@@ -82,15 +82,15 @@ MAX_TRITON_ROWS = 2**31 - 1 - 4096  # room for the last block's row indices in i
 
 def _merge_triton(out, lse, out_b, lse_b):
     t, h, d = out.shape
-    merged = torch.empty((t, h, d), dtype=torch.float32, device=out.device)
-    merged_lse = torch.empty((h, t), dtype=torch.float32, device=out.device)
-    if t * h == 0:
-        return merged, merged_lse
     if out.stride(-1) != 1 or out_b.stride(-1) != 1:
         raise ValueError("merge_attn_states needs out/out_b with a contiguous last (head_dim) dimension")
     if t * h > MAX_TRITON_ROWS:  # row indices stay int32 in the kernel: it divides them by the head count
         raise ValueError(f"merge_attn_states on the GPU takes at most {MAX_TRITON_ROWS} (token, head) rows; got "
                          f"{t} x {h} = {t * h}: merge the tokens in slices")
+    merged = torch.empty((t, h, d), dtype=torch.float32, device=out.device)
+    merged_lse = torch.empty((h, t), dtype=torch.float32, device=out.device)
+    if t * h == 0:
+        return merged, merged_lse
     block_d = max(16, triton.next_power_of_2(d))
     block_r = max(1, min(64, 4096 // block_d))
     _merge_kernel[(triton.cdiv(t * h, block_r),)](

@@ -181,3 +181,13 @@ def test_triton_and_torch_merges_agree(monkeypatch):
     torch.testing.assert_close(l_tr, l_pt, atol=0, rtol=2e-7)
     assert torch.equal(m_tr[2:], m_pt[2:]) and torch.equal(l_tr[:, 2:], l_pt[:, 2:])  # empty sides: exact
     assert torch.equal(m_tr[0, 0], out[0, 0].to(torch.bfloat16).float())
+
+
+def test_triton_merge_refuses_more_rows_than_its_int32_row_index(triton_path):
+    # expanded views: the shapes of 2^31 (token, head) rows without their memory
+    from spell_kernels.lse_merge import MAX_TRITON_ROWS
+
+    t, h = MAX_TRITON_ROWS // 2 + 1, 2
+    out, lse = torch.zeros(1, 1, 16).expand(t, h, 16), torch.zeros(1, 1).expand(h, t)
+    with pytest.raises(ValueError, match=r"at most \d+ \(token, head\) rows.*merge the tokens in slices"):
+        merge_attn_states(out, lse, out, lse)
