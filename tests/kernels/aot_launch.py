@@ -23,8 +23,13 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
+
+from spell_kernels._triton import tl, triton
+
+_REPO = Path(__file__).resolve().parents[2]  # the subprocess imports modules by name from here
 
 _SCRIPT = r"""
 import contextlib, importlib, io, json, re, sys
@@ -120,7 +125,7 @@ def compile_launches_for_hopper(launches, timeout=900):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1")  # registers/spills from a fresh ptxas run
     payload = [{k: v for k, v in launch.items() if k != "grid"} for launch in launches]
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], input=json.dumps(payload), env=env,
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], input=json.dumps(payload), env=env, cwd=_REPO,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"AOT compilation for sm_90 failed:\n{proc.stderr[-4000:]}")
@@ -169,3 +174,13 @@ def param_arithmetic(ptx, kernel, signature, param):
         elif op.startswith(_ARITH):
             found["narrow"].append(line)
     return found
+
+
+@triton.jit
+def offsets_control_kernel(src, dst, stride_src, stride_dst, n_cols, BLOCK: tl.constexpr):
+    """A control for param_arithmetic: the load's row offset is 32-bit (row * stride_src wraps
+    past 2^31), the store's is 64-bit."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    x = tl.load(src + row * stride_src + cols, mask=cols < n_cols)
+    tl.store(dst + row.to(tl.int64) * stride_dst + cols, x, mask=cols < n_cols)
