@@ -116,16 +116,20 @@ def _combine_splits_kernel(
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for s in range(num_splits):
-        s = s.to(tl.int64)  # split x split stride may pass 2^31
-        lse_s = tl.load(LsePart + s * stride_ls + b * stride_lb + offs_h, mask=h_mask, other=float("-inf"))
+    # scalar offsets advance split by split, in 64 bits (b is): split x split stride may pass 2^31
+    lse_offset = b * stride_lb
+    out_offset = b * stride_pb
+    out_tile = offs_h[:, None] * stride_ph + offs_d[None, :]
+    for _ in range(num_splits):
+        lse_s = tl.load(LsePart + lse_offset + offs_h, mask=h_mask, other=float("-inf"))
         m_new = tl.maximum(m, lse_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
         w = tl.exp(lse_s - m_safe)
         has_keys = h_mask & (lse_s != float("-inf"))  # a split without keys may hold no output
-        o = tl.load(OutPart + s * stride_ps + b * stride_pb + offs_h[:, None] * stride_ph + offs_d[None, :],
-                    mask=has_keys[:, None] & d_mask[None, :], other=0.0)
+        o = tl.load(OutPart + out_offset + out_tile, mask=has_keys[:, None] & d_mask[None, :], other=0.0)
+        lse_offset += stride_ls
+        out_offset += stride_ps
         acc = acc * alpha[:, None] + w[:, None] * o
         l = l * alpha + w
         m = m_new
