@@ -3,6 +3,8 @@ at realistic shapes, without a GPU: the launchers run with the kernels recorded 
 and each call is built with the specialisation the JIT applies at run time (divisibility hints,
 constant 1s). Checked: shared memory within Hopper's, no register spills, tensor-core MMA in the
 split kernel, and 64-bit row offsets, read from the PTX. `pytest -s` prints each build."""
+import re
+
 import pytest
 import torch
 
@@ -92,6 +94,8 @@ def test_decode_and_merge_kernels_compile_for_hopper_as_launched(builds):
         if res["kernel"] == "_split_partial_kernel":
             assert "mma" in res["ptx"], f"{label}: the split kernel's tl.dot should lower to tensor-core MMA"
             assert {"stride_kn", "stride_vn", "head_dim", "split_len"} <= set(res["divisible_by_16"]), label
+            # with the hints K/V blocks stream into shared memory in 16-byte copies
+            assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", res["ptx"]), label
 
 
 @pytest.mark.slow
