@@ -122,8 +122,8 @@ class _MergeAttnStates(torch.autograd.Function):
             d_out = w.T.unsqueeze(-1) * d_merged if d_merged is not None else torch.zeros_like(merged)
             d_lse = w * (d_merged_lse if d_merged_lse is not None else 0.0)
             if d_merged is not None:  # an empty side's buffer is never read (0 * nan would be nan)
-                part = part.float().masked_fill(empty.T.unsqueeze(-1), 0.0)
-                d_lse = d_lse + w * (d_merged * (part - merged)).sum(-1).T
+                part_f = part.float().masked_fill(empty.T.unsqueeze(-1), 0.0)
+                d_lse = d_lse + w * (d_merged * (part_f - merged)).sum(-1).T
             grads += [d_out.to(part.dtype), d_lse.to(part_lse.dtype)]
         return tuple(grads)
 

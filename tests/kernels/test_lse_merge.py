@@ -191,3 +191,15 @@ def test_triton_merge_refuses_more_rows_than_its_int32_row_index(triton_path):
     out, lse = torch.zeros(1, 1, 16).expand(t, h, 16), torch.zeros(1, 1).expand(h, t)
     with pytest.raises(ValueError, match=r"at most \d+ \(token, head\) rows.*merge the tokens in slices"):
         merge_attn_states(out, lse, out, lse)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gradients_come_back_in_the_inputs_dtypes(request, path):
+    request.getfixturevalue(path)
+    out, lse, out_b, lse_b = _sides_with_garbage(7)
+    leaves = [out.to(torch.bfloat16).requires_grad_(True), lse.requires_grad_(True),
+              out_b.to(torch.float16).requires_grad_(True), lse_b.requires_grad_(True)]
+    merged, merged_lse = merge_attn_states(*leaves)
+    (merged.sum() + merged_lse[:, :6].sum()).backward()
+    assert [x.grad.dtype for x in leaves] == [torch.bfloat16, torch.float32, torch.float16, torch.float32]
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
