@@ -7,6 +7,12 @@ alignment for Lq != Lk, and the parent key range of shared-prefix groups. Each s
 are cut into pieces the op handles (all-visible, or a top-left causal square); pieces are merged
 by log-sum-exp in fp32, and their gradients summed in fp32. Same semantics and argument order
 as flash_attn.varlen_forward / varlen_backward, after those resolve the softmax scale.
+
+fp16/bf16 inputs are computed in fp32 (flash-attn's rule: accumulate in fp32 whatever the input
+dtype), each piece cast as it is used: the op's half-precision backward sums dK/dV over query
+blocks in the input dtype (dV of 511 queries on one key came out 161 bf16 ulp from the exact sum
+of dO). On CPUs without native bf16 the fp32 op is also the faster one (backward of 2048 causal
+tokens, 4 heads, D = 64: ~7x; bench/results/attn_cpu_precision.md).
 """
 import math
 
@@ -55,6 +61,11 @@ def _accum_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _acc(t):
+    """t in its accumulation dtype (a copy for fp16/bf16, t itself for fp32/fp64)."""
+    return t.to(_accum_dtype(t.dtype))
+
+
 def _merge_(acc_out, acc_lse, out, lse):
     """In place: (acc_out, acc_lse) becomes the attention over both key sets (overflow-safe form)."""
     diff = (lse - acc_lse).nan_to_num_(nan=-math.inf)  # both -inf: nothing to add
@@ -75,8 +86,8 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, p
             merged = (torch.zeros((q1 - q0, hq, v.shape[2]), dtype=lse.dtype),
                       torch.full((hq, q1 - q0), -math.inf, dtype=lse.dtype))
         for r0, r1, a, b, top_left in pieces:
-            o, l = _flash_fwd(_bhld(q[q0 + r0:q0 + r1]), _bhld(k[a:b]), _bhld(v[a:b]), 0.0, top_left,
-                              scale=softmax_scale)
+            o, l = _flash_fwd(_bhld(_acc(q[q0 + r0:q0 + r1])), _bhld(_acc(k[a:b])), _bhld(_acc(v[a:b])), 0.0,
+                              top_left, scale=softmax_scale)
             o, l = o[0].transpose(0, 1), l[0]
             if merged is None:
                 out[q0 + r0:q0 + r1] = o
@@ -107,9 +118,11 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax
     for q0, q1, own_keys, parent_keys in _segments(cu_seqlens_q, cu_seqlens_k, parent):
         for r0, r1, a, b, top_left in _pieces(q1 - q0, own_keys, causal, parent_keys):
             rows = slice(q0 + r0, q0 + r1)
-            kp, vp = (t[a:b].repeat_interleave(hq // hkv, dim=1) if expand else t[a:b] for t in (k, v))
-            gq, gk, gv = _flash_bwd(_bhld(dout[rows]), _bhld(q[rows]), _bhld(kp), _bhld(vp),
-                                    _bhld(out[rows]), lse[:, rows].unsqueeze(0).contiguous(), 0.0, top_left,
+            kp, vp = (_acc(t[a:b]) for t in (k, v))
+            if expand:
+                kp, vp = (t.repeat_interleave(hq // hkv, dim=1) for t in (kp, vp))
+            gq, gk, gv = _flash_bwd(_bhld(_acc(dout[rows])), _bhld(_acc(q[rows])), _bhld(kp), _bhld(vp),
+                                    _bhld(_acc(out[rows])), lse[:, rows].unsqueeze(0).contiguous(), 0.0, top_left,
                                     scale=softmax_scale)
             dq[rows] += gq[0].transpose(0, 1)
             if expand:

@@ -58,9 +58,10 @@ def _split_partial_kernel(
     query = q_begin + rows // REP
     head = kv_head * REP + rows % REP
     row_mask = query < q_end
+    query64 = query.to(tl.int64)  # row offsets in 64 bits: query x row stride may pass 2^31
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
-    q_ptrs = Q + query[:, None].to(tl.int64) * stride_qb + head[:, None] * stride_qh + offs_d[None, :]
+    q_ptrs = Q + query64[:, None] * stride_qb + head[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
 
     key_len = tl.load(KeyLen + segment)
@@ -93,9 +94,10 @@ def _split_partial_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     slot_id = (first_split + split).to(tl.int64)
-    out_ptrs = OutPart + slot_id * stride_ps + query[:, None] * stride_pb + head[:, None] * stride_ph + offs_d[None, :]
+    out_ptrs = (OutPart + slot_id * stride_ps + query64[:, None] * stride_pb + head[:, None] * stride_ph
+                + offs_d[None, :])
     tl.store(out_ptrs, out, mask=row_mask[:, None] & d_mask[None, :])
-    tl.store(LsePart + slot_id * stride_ls + query * stride_lb + head, lse, mask=row_mask)
+    tl.store(LsePart + slot_id * stride_ls + query64 * stride_lb + head, lse, mask=row_mask)
 
 
 @triton.jit
@@ -114,15 +116,20 @@ def _combine_splits_kernel(
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for s in range(num_splits):
-        lse_s = tl.load(LsePart + s * stride_ls + b * stride_lb + offs_h, mask=h_mask, other=float("-inf"))
+    # scalar offsets advance split by split, in 64 bits (b is): split x split stride may pass 2^31
+    lse_offset = b * stride_lb
+    out_offset = b * stride_pb
+    out_tile = offs_h[:, None] * stride_ph + offs_d[None, :]
+    for _ in range(num_splits):
+        lse_s = tl.load(LsePart + lse_offset + offs_h, mask=h_mask, other=float("-inf"))
         m_new = tl.maximum(m, lse_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
         w = tl.exp(lse_s - m_safe)
         has_keys = h_mask & (lse_s != float("-inf"))  # a split without keys may hold no output
-        o = tl.load(OutPart + s * stride_ps + b * stride_pb + offs_h[:, None] * stride_ph + offs_d[None, :],
-                    mask=has_keys[:, None] & d_mask[None, :], other=0.0)
+        o = tl.load(OutPart + out_offset + out_tile, mask=has_keys[:, None] & d_mask[None, :], other=0.0)
+        lse_offset += stride_ls
+        out_offset += stride_ps
         acc = acc * alpha[:, None] + w[:, None] * o
         l = l * alpha + w
         m = m_new
