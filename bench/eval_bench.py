@@ -53,7 +53,7 @@ def main() -> None:
                                 for q in make_questions(resolve_corpus(), per_type, args.lines, seed=0)))
         items = load_eval_data(path)
     model, tokenizer = load_pretrained(args.model, device=args.device)
-    hf = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), torch_dtype=torch.float32).to(args.device)
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=torch.float32).to(args.device)
     hf.eval()
 
     ours_generate = functools.partial(sampler.generate, ignore_eos=True)
