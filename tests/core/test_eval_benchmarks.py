@@ -54,9 +54,10 @@ CASES = {
                                                     "The answer is Seine", "The answer is Danube"]},
         {"Which river flows through the capital?": 1}),
     "spell": (
-        [{"context": ["Door one.", "Door two."], "question": "How many doors are there?", "answer": 2,
+        # one type per column, as Parquet needs (the JSON forms also take a string context and a numeric answer)
+        [{"context": ["Door one.", "Door two."], "question": "How many doors are there?", "answer": "2",
           "type": "doc_math"},
-         {"context": "The lantern hangs by the door.", "question": "What hangs by the door?", "answer": "lantern",
+         {"context": ["The lantern hangs by the door."], "question": "What hangs by the door?", "answer": "lantern",
           "type": "doc_qa"}],
         {"How many doors are there?": ["Therefore, the answer is 2", "Therefore, the answer is 3",
                                        "Therefore, the answer is two", "Therefore, the answer is 2.0"],
