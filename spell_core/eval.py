@@ -50,7 +50,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def _extract(text: str, task_type: str) -> str | None:
     """The responder's extraction (spell_core.roles), given the task type when it takes one."""
-    if len(inspect.signature(extract_answer).parameters) >= 2:
+    params = list(inspect.signature(extract_answer).parameters.values())
+    if "task_type" in (p.name for p in params):
+        return extract_answer(text, task_type=task_type)
+    if len(params) >= 2 and params[1].kind in (params[1].POSITIONAL_ONLY, params[1].POSITIONAL_OR_KEYWORD):
         return extract_answer(text, task_type)
     return extract_answer(text)
 
@@ -73,11 +76,11 @@ def evaluate(model, tokenizer, items: Sequence[EvalItem], *, n: int = 8, ks: Seq
              temperature: float = 0.7, top_p: float = 0.95, top_k: int = 0, max_new_tokens: int = 4096,
              prompt_budget: int | None = None, judge=None, verifier: bool = False, verifier_samples: int = 8,
              seed: int = 0, kv_budget_tokens: int | None = None, generate: Callable | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, template_kwargs: dict | None = None) -> dict:
     """Scores, pass@k per task type, source and overall, every question's correct count, and
     the speed of generation. `prompt_budget`: prompts longer than this many tokens are cut in
     the middle (default: the model's context minus max_new_tokens). `judge`: a
-    `spell_core.judge.Judge`."""
+    `spell_core.judge.Judge`. `template_kwargs`: passed to the chat template (e.g. enable_thinking)."""
     from spell_core.monitor import progress_bar
 
     if generate is None:
@@ -99,7 +102,8 @@ def evaluate(model, tokenizer, items: Sequence[EvalItem], *, n: int = 8, ks: Seq
         sampling["kv_budget_tokens"] = kv_budget_tokens
     prompts, dropped = [], []
     for item in items:
-        ids, cut = truncate_middle(build_eval_prompt(tokenizer, item.documents, item.task).input_ids, prompt_budget)
+        ids, cut = truncate_middle(build_eval_prompt(tokenizer, item.documents, item.task,
+                                                     template_kwargs=template_kwargs).input_ids, prompt_budget)
         prompts.append(ids)
         dropped.append(cut)
 
