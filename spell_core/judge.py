@@ -32,8 +32,8 @@ _INSTRUCTIONS = (
 )
 
 
-def build_judge_prompt(tokenizer, task: Task, prediction: str) -> list[int]:
-    """Token ids of the judge's prompt for one predicted answer, at most JUDGE_PROMPT_BUDGET."""
+def build_judge_prompt(tokenizer, task: Task, prediction: str, budget: int = JUDGE_PROMPT_BUDGET) -> list[int]:
+    """Token ids of the judge's prompt for one predicted answer, at most `budget` (middle cut)."""
     if task.task_type == DOC_MC:
         raise ValueError("multiple choice is scored by its letter only; the judge grades QA and math")
     specific = (
@@ -44,7 +44,7 @@ def build_judge_prompt(tokenizer, task: Task, prediction: str) -> list[int]:
         "the ground truth, or [[NO]] if it does not."
     )
     ids = render_prompt(tokenizer, _INSTRUCTIONS, specific).input_ids
-    return truncate_middle(ids, JUDGE_PROMPT_BUDGET)[0]
+    return truncate_middle(ids, budget)[0]
 
 
 def judged_text(response: str, extracted: str | None) -> str | None:
@@ -71,7 +71,8 @@ class Judge:
         """True (YES), False (NO) or None (no decision) for each (task, predicted answer)."""
         if not pairs:
             return []
-        prompts = [build_judge_prompt(self.tokenizer, task, text) for task, text in pairs]
+        budget = min(JUDGE_PROMPT_BUDGET, self.model.config.max_position_embeddings - self.max_new_tokens)
+        prompts = [build_judge_prompt(self.tokenizer, task, text, budget) for task, text in pairs]
         kwargs = {} if kv_budget_tokens is None else {"kv_budget_tokens": kv_budget_tokens}
         outputs = generate(self.model, self.tokenizer, prompts, n=1, max_new_tokens=self.max_new_tokens,
                            temperature=0.0, seed=seed, progress=progress, **kwargs)
