@@ -105,3 +105,14 @@ def test_run_evaluates_at_step_zero_and_every_n_steps(tmp_path, monkeypatch, cap
     assert re.search(r"^eval step 0 \| doc_qa pass@1 1\.000 pass@2 1\.000 \| doc_math pass@1 0\.500", printed, re.M)
     assert re.search(r"^eval step 2 \|", printed, re.M) and not re.search(r"^eval step 1 ", printed, re.M)
     assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_with_unreadable_eval_data_stops_before_loading_anything(tmp_path, capsys):
+    from spell_core.run import main as run_main
+
+    bad = tmp_path / "eval.jsonl"
+    bad.write_text(json.dumps({"prompt": "q"}) + "\n")
+    assert run_main(["--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "run"), "--device", "cpu",
+                     "--steps", "1", "--no-progress", "--eval-data", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "spell: error:" in err and "match no known format" in err and "longbench-v2" in err
