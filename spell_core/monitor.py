@@ -215,8 +215,16 @@ def plot_metrics(history: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from spell_core.validation import has_eval, plot_eval_panel
+
+    with_eval = has_eval(history)  # validation during training (--eval-data): a third panel
+    history_all = history
+    history = [m for m in history if any(k != "step" and not k.startswith("eval_") for k in m)]  # training steps
     steps = [m["step"] for m in history]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    fig, axes = plt.subplots(3 if with_eval else 2, 1, figsize=(8, 9 if with_eval else 6), sharex=True)
+    top, bottom = axes[0], axes[1]
+    if with_eval:
+        plot_eval_panel(axes[2], history_all)
     for role in ROLES:
         top.plot(steps, [_nan(m.get(f"reward_{role}")) for m in history], marker="o", label=role)
     top.set_ylabel("mean reward")
@@ -232,7 +240,7 @@ def plot_metrics(history: list[dict], path) -> None:
     for key, values in shares.items():
         bottom.plot(steps, values, marker="o", label=key)
     bottom.set_ylabel("share of questions")
-    bottom.set_xlabel("step")
+    axes[-1].set_xlabel("step")
     bottom.set_ylim(-0.05, 1.05)
     bottom.legend(loc="best", fontsize="small")
     bottom.grid(alpha=0.3)

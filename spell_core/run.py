@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
                         help="under torchrun: collective timeout, and how long a rank may hang before the others "
                              "exit naming it (a dead rank is noticed within min(60, this)) (default: 600)")
+    # validation during training (spell_core/validation.py)
+    parser.add_argument("--eval-data", default=None, metavar="FILE",
+                        help="evaluate the model on these questions (any format of python -m spell_core.eval) at "
+                             "step 0 and every --eval-every steps: pass@k per task type in metrics.jsonl/png")
+    parser.add_argument("--eval-every", type=_count(1), default=10, help="steps between evaluations (default: 10)")
+    parser.add_argument("--eval-n", type=_count(1), default=4, help="samples per eval question (default: 4)")
     return parser
 
 
@@ -275,7 +281,9 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
 
     from spell_core.loop import StepAbandoned
     from spell_core.monitor import Monitor
+    from spell_core.validation import Validation
 
+    validation = Validation.from_args(args, config)  # None without --eval-data
     model, tokenizer, clusters = _load_model_and_documents(config, budget)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -312,6 +320,8 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
                       bars=not args.no_progress and topology.is_main,
                       resume_step=start_step if args.resume is not None else None)
     play.observer = monitor
+    if validation and args.resume is None:
+        validation.log_start(monitor, validation.at_step(model, tokenizer, 0, topology))
 
     saved_step = start_step if args.resume is not None else None
     step, exit_code = start_step, 0
@@ -331,6 +341,8 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
                 break
             step += 1
             metrics["step_time_s"] = time.perf_counter() - began
+            if validation:
+                metrics.update(validation.at_step(model, tokenizer, step, topology))
             monitor.log_step(metrics)
             if step % config.save_every == 0 or step == config.steps:
                 _save(train_state, out, step, model, tokenizer, trainer, play, metrics)
