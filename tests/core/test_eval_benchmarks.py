@@ -226,7 +226,7 @@ def test_judge_raises_qa_and_math_scores_never_multiple_choice(tmp_path, tokeniz
         predicted = re.search(r"Predicted answer: (.*)", text).group(1).strip()
         judged.append(predicted)
         # the judge accepts "a lamp" and "two", rejects the rest; one reply without a decision
-        if predicted in ("a lamp", "two"):
+        if predicted in ("a lamp", "Therefore, the answer is two"):
             return "Same thing. [[YES]]"
         return "Hmm." if predicted == "a torch" else "Different. [[NO]]"
 
@@ -235,8 +235,9 @@ def test_judge_raises_qa_and_math_scores_never_multiple_choice(tmp_path, tokeniz
     result = evaluate(STUB_MODEL, tokenizer, items, n=4, ks=(1,), max_new_tokens=16, judge=judge,
                       generate=generate, progress=False)
     qa, math, mc = result["questions"]
-    # rule-correct samples are not judged; the unparsable "I do not know" goes as the response's end
-    assert sorted(judged) == sorted(["a lamp", "a torch", "I do not know", "two", "5", "5"])
+    # rule-correct samples are not judged; the unparsable "I do not know" and "... is two" (no number
+    # for math extraction) go as the response's end
+    assert sorted(judged) == sorted(["a lamp", "a torch", "I do not know", "Therefore, the answer is two", "5", "5"])
     assert (qa["rule_correct"], qa["correct"]) == (1, 2)  # lantern by rule, "a lamp" by the judge
     assert qa["judge_verdicts"] == ["rule", True, None, False]
     assert (math["rule_correct"], math["correct"]) == (1, 2)  # 2 by rule, "two" by the judge
