@@ -42,7 +42,9 @@ class ModelOptions:
 
 @dataclass
 class DataOptions:
-    corpus: str = DEFAULT_CORPUS  # alias (see spell_core.assets) or folder of .txt/.md/.jsonl
+    corpus: str | list[str] = DEFAULT_CORPUS  # alias (spell_core.assets), folder, or table file(s) (corpus_tables)
+    text_field: str = "text"  # table corpora: the document column
+    cluster_field: str = "cluster"  # table corpora: the column marking related documents
     ctx: int = 16 * 1024  # SPEC: training input 16K tokens
     # room kept free in the context for the role prompt around the documents: instructions,
     # per-document headers, history memory, the question

@@ -38,10 +38,23 @@ class CorpusError(ValueError):
 @dataclass
 class Document:
     id: str  # unique in the corpus: `<work>/<nnn>` for split text files, the jsonl id otherwise
-    text: str
+    text: str  # a str, or a text kept on disk until read (`StoredText`, table corpora: corpus_tables.py)
     source: str  # file (and line, for jsonl) it came from
     n_tokens: int | None = None  # filled in by count_tokens / build_clusters
     group: str = ""  # related documents share it: the work (file) or the jsonl cluster
+    data_source: str = ""  # the dataset a table row names (its `data_source` column), "" otherwise
+
+
+def _get_text(doc: Document) -> str:
+    text = doc.__dict__["_text"]
+    return text if isinstance(text, str) else text.read()
+
+
+def _set_text(doc: Document, value) -> None:
+    doc.__dict__["_text"] = value
+
+
+Document.text = property(_get_text, _set_text)  # after @dataclass, so that the field keeps no default
 
 
 @dataclass
@@ -49,6 +62,8 @@ class Cluster:
     id: str
     documents: list[Document] = field(default_factory=list)
     n_tokens: int = 0
+    source: str = ""  # the data_source of its documents ("" for folder corpora)
+    task_types: tuple[str, ...] | None = None  # None: every task type of the run
 
 
 # ------------------------------------------------------------------------------- loading
@@ -213,18 +228,25 @@ def token_counter(tokenizer) -> TokenCounter:
     return count
 
 
-def count_tokens(documents: Sequence[Document], tokenizer) -> list[Document]:
-    """The documents with `n_tokens` filled in (counted in one batch where missing)."""
+def count_tokens(documents: Sequence[Document], tokenizer, chunk: int = 1024) -> list[Document]:
+    """The documents with `n_tokens` filled in where missing, counted in batches of `chunk`
+    (so that texts kept on disk are never all in memory at once)."""
+    count = token_counter(tokenizer)
     missing = [doc for doc in documents if doc.n_tokens is None]
-    for doc, n in zip(missing, token_counter(tokenizer)([doc.text for doc in missing])):
-        doc.n_tokens = n
+    for start in range(0, len(missing), chunk):
+        batch = missing[start:start + chunk]
+        for doc, n in zip(batch, count([doc.text for doc in batch])):
+            doc.n_tokens = n
     return list(documents)
 
 
-def build_clusters(documents: Sequence[Document], tokenizer, budget_tokens: int) -> list[Cluster]:
+def build_clusters(documents: Sequence[Document], tokenizer, budget_tokens: int,
+                   tasks_for_source: Callable[[str], Sequence[str]] | None = None) -> list[Cluster]:
     """Related documents packed into clusters of consecutive documents, each with at most
     `budget_tokens` tokens in all; groups in order of first appearance, documents in their
-    original order. Documents over the budget are split first (see the module docstring)."""
+    original order. Documents over the budget are split first (see the module docstring).
+    tasks_for_source: data_source -> the task types of its clusters (`Cluster.task_types`);
+    None leaves them to the run."""
     if isinstance(budget_tokens, bool) or not isinstance(budget_tokens, int) or budget_tokens < 1:
         raise ValueError(f"budget_tokens must be a positive integer, got {budget_tokens!r}")
     if not documents:
@@ -242,7 +264,9 @@ def build_clusters(documents: Sequence[Document], tokenizer, budget_tokens: int)
     for group, docs in groups.items():
         for k, part in enumerate(_balanced_partition([d.n_tokens for d in docs], budget_tokens)):
             members = [docs[i] for i in part]
-            clusters.append(Cluster(f"{group}#c{k}", members, sum(d.n_tokens for d in members)))
+            source = members[0].data_source
+            tasks = None if tasks_for_source is None else tuple(tasks_for_source(source))
+            clusters.append(Cluster(f"{group}#c{k}", members, sum(d.n_tokens for d in members), source, tasks))
     return clusters
 
 
@@ -275,11 +299,14 @@ _SEPARATORS = (re.compile(r"\n(?:[ \t]*\n)+"), re.compile(r"\n"), re.compile(r"[
 
 
 def _split_document(doc: Document, budget: int, count: TokenCounter) -> list[Document]:
-    pieces = _split_text(doc.text, budget, count)
-    return [
-        replace(doc, id=f"{doc.id}#{k}", text=text, n_tokens=n)
-        for k, (text, n) in enumerate(pieces, start=1)
-    ]
+    stored = doc.__dict__["_text"]
+    pieces, start, out = _split_text(doc.text, budget, count), 0, []
+    for k, (text, n) in enumerate(pieces, start=1):  # the pieces join back to the text
+        size = len(text.encode("utf-8"))
+        out.append(replace(doc, id=f"{doc.id}#{k}", text=text if isinstance(stored, str) else stored.part(start, size),
+                           n_tokens=n))
+        start += size
+    return out
 
 
 def _split_text(text: str, budget: int, count: TokenCounter, n_tokens: int | None = None) -> list[tuple[str, int]]:

@@ -47,8 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: 16k / 2k); RoPE scaling when longer than the model's native context")
     parser.add_argument("--model", default=defaults.model.name,
                         help=f"model alias or local Hugging Face checkpoint folder (default: {defaults.model.name})")
-    parser.add_argument("--corpus", default=defaults.data.corpus,
-                        help=f"corpus alias or folder of .txt/.md/.jsonl files (default: {defaults.data.corpus})")
+    parser.add_argument("--corpus", nargs="+", default=[defaults.data.corpus], metavar="CORPUS",
+                        help="corpus alias, folder of .txt/.md/.jsonl files, or one or more .parquet / .jsonl tables or "
+                             "folders saved by datasets' save_to_disk (SPELL's training parquet files included) "
+                             f"(default: {defaults.data.corpus})")
+    parser.add_argument("--text-field", default=defaults.data.text_field,
+                        help=f"table corpora: the column holding a document (default: {defaults.data.text_field})")
+    parser.add_argument("--cluster-field", default=defaults.data.cluster_field,
+                        help="table corpora: the column whose equal values mark related documents "
+                             f"(default: {defaults.data.cluster_field})")
     parser.add_argument("--out", default=defaults.out,
                         help=f"run folder: config, metrics, plot, checkpoints (default: {defaults.out})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"random seed (default: {defaults.seed})")
@@ -92,7 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
                         help="under torchrun: collective timeout, and how long a rank may hang before the others "
                              "exit naming it (a dead rank is noticed within min(60, this)) (default: 600)")
+    parser.add_argument("--report-to", type=_report_to_argument, default=(), metavar="NAMES",
+                        help="also send every step's metrics and questions to tensorboard, wandb (comma-separated) or "
+                             "none; W&B runs offline without an API key (default: none)")
     return parser
+
+
+def _report_to_argument(text: str) -> tuple[str, ...]:
+    from spell_core.reporters import ReporterError, parse_report_to
+
+    try:
+        return parse_report_to(text)
+    except ReporterError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _ctx_argument(text: str) -> int:
@@ -154,7 +173,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse
                 args.reduced.append(key)
     config = RunConfig(
         model=ModelOptions(name=args.model, device=device),
-        data=DataOptions(corpus=args.corpus, ctx=args.ctx),
+        data=DataOptions(corpus=args.corpus[0] if len(args.corpus) == 1 else args.corpus, ctx=args.ctx,
+                         text_field=args.text_field, cluster_field=args.cluster_field),
         sampling=SamplingOptions(max_response_tokens=args.max_new_tokens, group_size=args.group_size),
         loop=LoopOptions(questions=args.questions, kept_groups=args.kept_groups, max_rounds=args.max_rounds,
                          questioner_reward=args.questioner_reward, kv_budget_tokens=args.kv_budget_tokens),
@@ -237,9 +257,6 @@ def _train_on_ranks(config: RunConfig, args, train_options, budget: int) -> int:
 
 
 def _train(config: RunConfig, args, train_options, budget: int, topology=None) -> int:
-    import torch
-
-    from spell_core.loop import StepAbandoned
     from spell_core.monitor import Monitor
 
     model, tokenizer, clusters = _load_model_and_documents(config, budget)
@@ -258,7 +275,7 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
     from spell_core import train_state
     from spell_core.trainer import Trainer
 
-    from spell_core.data_parallel import agreed, self_play_for_rank
+    from spell_core.data_parallel import self_play_for_rank
     from spell_core.distributed import Topology
 
     topology = topology or Topology()
@@ -276,8 +293,23 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
         print(f"resumed     from {path} at step {start_step}")
     monitor = Monitor(out if topology.is_main else out / "ranks" / f"rank{topology.rank}", config.steps,
                       bars=not args.no_progress and topology.is_main,
-                      resume_step=start_step if args.resume is not None else None)
+                      resume_step=start_step if args.resume is not None else None,
+                      report_to=args.report_to if topology.is_main else (),
+                      config={**config.to_dict(), "trainer": asdict(train_options)})
     play.observer = monitor
+    try:
+        return _steps(config, args, out, start_step, model, tokenizer, trainer, play, monitor, stop, topology)
+    finally:
+        monitor.close()
+
+
+def _steps(config: RunConfig, args, out: Path, start_step: int, model, tokenizer, trainer, play, monitor, stop,
+           topology) -> int:
+    import torch
+
+    from spell_core import train_state
+    from spell_core.data_parallel import agreed
+    from spell_core.loop import StepAbandoned
 
     saved_step = start_step if args.resume is not None else None
     step, exit_code = start_step, 0
@@ -394,8 +426,9 @@ class _StopFlag:
 def _load_model_and_documents(config: RunConfig, budget: int):
     import torch
 
-    from spell_core.assets import resolve_corpus, resolve_model
-    from spell_core.data import build_clusters, load_documents
+    from spell_core.assets import resolve_model
+    from spell_core.corpus_tables import load_corpus
+    from spell_core.data import build_clusters
     from spell_core.model import load_pretrained
     from spell_core.rope import with_rope_scaling
 
@@ -418,8 +451,9 @@ def _load_model_and_documents(config: RunConfig, budget: int):
         print(f"native ctx  {native_ctx:,} tokens")
 
     start = time.perf_counter()
-    corpus_path = resolve_corpus(config.data.corpus)
-    documents = load_documents(corpus_path)
+    corpus_path = config.data.corpus if isinstance(config.data.corpus, str) else ", ".join(config.data.corpus)
+    documents = load_corpus(config.data.corpus, text_field=config.data.text_field,
+                            cluster_field=config.data.cluster_field)
     clusters = build_clusters(documents, tokenizer, budget)
     sizes = [cluster.n_tokens for cluster in clusters]
     n_works = len({doc.group for doc in documents})
