@@ -156,7 +156,8 @@ class WandbReporter:
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "spell"), id=self.run_id, resume="allow", dir=str(self.out),
             mode=mode, config=config, reinit="create_new",
-            settings=wandb.Settings(console="off", silent=True, init_timeout=120, disable_git=True, save_code=False))
+            settings=wandb.Settings(console="off", silent=True, init_timeout=120, disable_git=True, save_code=False,
+                                    x_disable_stats=True, x_disable_meta=True))  # gpu/ metrics come from the monitor
         self.mode = mode
         self._save_state()
 

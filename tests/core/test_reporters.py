@@ -8,6 +8,7 @@ import pytest
 
 from spell_core.monitor import Monitor
 from spell_core.reporters import ReporterError, parse_report_to, scalars
+from tests.core.test_run import argv, assets, scripted  # noqa: F401 (the tiny model, corpus and scripted outputs)
 from tests.core.wandb_records import wandb_records
 
 
@@ -113,3 +114,37 @@ def test_wandb_offline_run_without_a_key_holds_every_number_and_resumes_the_same
         expected = scalars(metrics(step, loss))
         assert {k: items[k] for k in expected} == pytest.approx(expected)
         assert items["questions/_type"] == "table-file" and items["questions/nrows"] == 2
+
+
+def test_run_reports_each_step_to_tensorboard_and_wandb(assets, scripted, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from spell_core.run import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    assert main(argv(assets, out, "--steps", "2", "--report-to", "tensorboard,wandb")) == 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    history, _ = read_wandb_history(out / "wandb")
+    tensorboard = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    for m in logged:
+        expected = scalars(m)
+        assert {tag: tensorboard[tag][m["step"]] for tag in expected} == pytest.approx(expected)
+        assert {tag: history[m["step"]][0][tag] for tag in expected} == pytest.approx(expected)
+    assert {"train/train_loss", "reward/reward_responder", "tokens/tokens_generated"} <= set(tensorboard)
+    assert sum(len(points) for points in tensorboard.values()) == sum(len(scalars(m)) for m in logged)
+
+
+def test_a_missing_reporter_package_stops_the_run_before_it_starts(monkeypatch, capsys):
+    import importlib.util
+
+    from spell_core.run import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(SystemExit) as info:
+        main(["--report-to", "tensorboard", "--device", "cpu"])
+    assert info.value.code == 2
+    assert "pip install 'spell[tensorboard]'" in capsys.readouterr().err
