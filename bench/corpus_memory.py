@@ -29,15 +29,16 @@ def generate(path: Path, size_gb: float, seed: int = 0) -> None:
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
-    words = np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9)))
-                      for _ in range(20_000)])
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9)))
+             for _ in range(20_000)]
+    block = " ".join(rng.choice(words, size=12_000_000))  # ~64 MB of words; documents are slices of it
     schema = pa.schema([("text", pa.string()), ("cluster", pa.int64())])
     tmp = path.with_name(path.name + ".tmp")
     row, target = 0, size_gb * 2**30
     with pq.ParquetWriter(tmp, schema, compression="snappy") as writer:
         while tmp.stat().st_size < target:
-            picks = rng.integers(0, len(words), size=(ROW_GROUP, DOC_BYTES // 6))
-            texts = [" ".join(words[p]) for p in picks]
+            starts = rng.integers(0, len(block) - DOC_BYTES, size=ROW_GROUP)
+            texts = [block[s:s + DOC_BYTES] for s in starts]
             clusters = [(row + i) // DOCS_PER_CLUSTER for i in range(ROW_GROUP)]
             writer.write_table(pa.table({"text": texts, "cluster": clusters}, schema=schema))
             row += ROW_GROUP

@@ -88,6 +88,9 @@ def load_corpus(corpus: str | Sequence[str], *, text_field: str = "text", cluste
     if not specs:
         raise CorpusError("no corpus given")
     paths = [Path(spec).expanduser() for spec in specs]
+    missing = [p for p in paths if not p.exists() and (len(paths) > 1 or p.suffix.lower() in TABLE_SUFFIXES)]
+    if missing:
+        raise CorpusError(f"corpus file {missing[0]} does not exist")
     if len(paths) == 1 and not is_table(paths[0]):
         return load_documents(resolve_corpus(specs[0]))
     not_tables = [str(p) for p in paths if not is_table(p)]

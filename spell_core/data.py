@@ -228,15 +228,25 @@ def token_counter(tokenizer) -> TokenCounter:
     return count
 
 
-def count_tokens(documents: Sequence[Document], tokenizer, chunk: int = 1024) -> list[Document]:
-    """The documents with `n_tokens` filled in where missing, counted in batches of `chunk`
-    (so that texts kept on disk are never all in memory at once)."""
+def count_tokens(documents: Sequence[Document], tokenizer, chunk_docs: int = 1024,
+                 chunk_chars: int = 1 << 22) -> list[Document]:
+    """The documents with `n_tokens` filled in where missing, counted in batches of at most
+    `chunk_docs` documents and about `chunk_chars` characters (texts kept on disk are never
+    all in memory at once, nor the tokenizer's encodings of more than one batch)."""
     count = token_counter(tokenizer)
-    missing = [doc for doc in documents if doc.n_tokens is None]
-    for start in range(0, len(missing), chunk):
-        batch = missing[start:start + chunk]
-        for doc, n in zip(batch, count([doc.text for doc in batch])):
-            doc.n_tokens = n
+    batch, texts, chars = [], [], 0
+    for doc in documents:
+        if doc.n_tokens is not None:
+            continue
+        batch.append(doc)
+        texts.append(doc.text)
+        chars += len(texts[-1])
+        if len(batch) == chunk_docs or chars >= chunk_chars:
+            for counted, n in zip(batch, count(texts)):
+                counted.n_tokens = n
+            batch, texts, chars = [], [], 0
+    for counted, n in zip(batch, count(texts)):
+        counted.n_tokens = n
     return list(documents)
 
 

@@ -97,6 +97,8 @@ def test_bad_tables_are_clear_errors(tmp_path):
         load_corpus(str(tmp_path / "dd"))
     with pytest.raises(CorpusError, match="is not a table"):
         load_corpus([str(tmp_path / "a.parquet"), str(tmp_path)])
+    with pytest.raises(CorpusError, match=re.escape(f"corpus file {tmp_path / 'nope.parquet'} does not exist")):
+        load_corpus(str(tmp_path / "nope.parquet"))
 
 
 def test_cli_clusters_the_release_parquet_files(tmp_path, capsys):
