@@ -129,10 +129,12 @@ def _parquet_batches(path: Path, batch_rows: int) -> Iterator[RowBatch]:
     except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not parquet
         raise CorpusError(f"{path}: not a readable parquet file ({err})") from None
     columns, row = table.schema_arrow.names, 0
-    for batch in table.iter_batches(batch_size=batch_rows):
-        rows = batch.to_pylist()
-        yield str(path), columns, list(enumerate(rows, start=row))
-        row += len(rows)
+    # one row group at a time: iter_batches keeps what it has read until the file is done
+    for group in range(table.metadata.num_row_groups):
+        for batch in table.read_row_group(group).to_batches(max_chunksize=batch_rows):
+            rows = batch.to_pylist()
+            yield str(path), columns, list(enumerate(rows, start=row))
+            row += len(rows)
 
 
 def _saved_dataset_batches(path: Path, batch_rows: int) -> Iterator[RowBatch]:
