@@ -5,7 +5,7 @@ whole: texts are copied to an unlinked temporary file and read back when a promp
 `load_corpus(["train.parquet", ...], text_field="text", cluster_field="cluster")` reads:
 - parquet files (pyarrow, batch by batch),
 - JSON Lines files (line by line),
-- folders saved by `datasets.Dataset.save_to_disk` (their arrow files, memory-mapped),
+- folders saved by `datasets.Dataset.save_to_disk` (their arrow files, batch by batch),
 - folders of .txt / .md / .jsonl and corpus aliases, as before (`spell_core.data.load_documents`).
 
 A table row is one document: its `text_field` column; documents sharing a `cluster_field`
@@ -147,7 +147,7 @@ def _saved_dataset_batches(path: Path, batch_rows: int) -> Iterator[RowBatch]:
     files = [entry["filename"] for entry in json.loads((path / "state.json").read_text()).get("_data_files", [])]
     row = 0
     for name in files:
-        with pa.memory_map(str(path / name)) as source:  # the pages are read as the batches are used
+        with pa.OSFile(str(path / name)) as source:  # read batch by batch (a memory map would keep them all resident)
             reader = pa.ipc.open_stream(source)
             columns = reader.schema.names
             for batch in reader:
