@@ -40,6 +40,8 @@ def parse_report_to(text: str) -> tuple[str, ...]:
     names = [name.strip().lower() for name in str(text).split(",") if name.strip()]
     if names == ["none"] or not names:
         return ()
+    if "none" in names:
+        raise ReporterError(f"--report-to {text}: 'none' cannot be combined with a reporter")
     unknown = [name for name in names if name not in EXTRAS]
     if unknown:
         raise ReporterError(f"--report-to: unknown reporter {unknown[0]!r}; use tensorboard, wandb (comma-separated, "

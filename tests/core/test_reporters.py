@@ -49,6 +49,8 @@ def test_tags_are_the_metric_names_in_sections():
 def test_report_to_names_and_errors(monkeypatch):
     assert parse_report_to("none") == ()
     assert parse_report_to("tensorboard, wandb,tensorboard") == ("tensorboard", "wandb")
+    with pytest.raises(ReporterError, match="'none' cannot be combined"):
+        parse_report_to("none,wandb")
     with pytest.raises(ReporterError, match="unknown reporter 'mlflow'"):
         parse_report_to("tensorboard,mlflow")
     import importlib.util
