@@ -42,7 +42,9 @@ class ModelOptions:
 
 @dataclass
 class DataOptions:
-    corpus: str = DEFAULT_CORPUS  # alias (see spell_core.assets) or folder of .txt/.md/.jsonl
+    corpus: str | list[str] = DEFAULT_CORPUS  # alias (spell_core.assets), folder, or table file(s) (corpus_tables)
+    text_field: str = "text"  # table corpora: the document column
+    cluster_field: str = "cluster"  # table corpora: the column marking related documents
     # SPEC: 16K tokens of documents per cluster; the instructions and the response come on top
     ctx: int = 16 * 1024
     # room for the role prompt around the documents (instructions, document tags, history

@@ -42,12 +42,24 @@ class CorpusError(ValueError):
 @dataclass
 class Document:
     id: str  # unique in the corpus: `<work>/<nnn>` for split text files, the jsonl id otherwise
-    text: str
+    text: str  # a str, or a text kept on disk until read (`StoredText`, table corpora: corpus_tables.py)
     source: str  # file (and line, for jsonl) it came from
     n_tokens: int | None = None  # filled in by count_tokens / build_clusters
     group: str = ""  # related documents share it: the work (file) or the jsonl cluster
     data_source: str = ""  # source name for --tasks PREFIX=... rules: jsonl `data_source`, else the work
     tasks: tuple[str, ...] | None = None  # task types it supports; None: decided by task_types.TaskRules
+
+
+def _get_text(doc: Document) -> str:
+    text = doc.__dict__["_text"]
+    return text if isinstance(text, str) else text.read()
+
+
+def _set_text(doc: Document, value) -> None:
+    doc.__dict__["_text"] = value
+
+
+Document.text = property(_get_text, _set_text)  # after @dataclass, so that the field keeps no default
 
 
 @dataclass
@@ -56,6 +68,7 @@ class Cluster:
     documents: list[Document] = field(default_factory=list)
     n_tokens: int = 0
     tasks: tuple[str, ...] = TASK_TYPES  # the task types the questioner may ask of it (equal weight)
+    source: str = ""  # the data_source of its documents ("" for folder corpora)
 
 
 # ------------------------------------------------------------------------------- loading
@@ -230,18 +243,33 @@ def token_counter(tokenizer) -> TokenCounter:
     return count
 
 
-def count_tokens(documents: Sequence[Document], tokenizer) -> list[Document]:
-    """The documents with `n_tokens` filled in (counted in one batch where missing)."""
-    missing = [doc for doc in documents if doc.n_tokens is None]
-    for doc, n in zip(missing, token_counter(tokenizer)([doc.text for doc in missing])):
-        doc.n_tokens = n
+def count_tokens(documents: Sequence[Document], tokenizer, chunk_docs: int = 1024,
+                 chunk_chars: int = 1 << 22) -> list[Document]:
+    """The documents with `n_tokens` filled in where missing, counted in batches of at most
+    `chunk_docs` documents and about `chunk_chars` characters (texts kept on disk are never
+    all in memory at once, nor the tokenizer's encodings of more than one batch)."""
+    count = token_counter(tokenizer)
+    batch, texts, chars = [], [], 0
+    for doc in documents:
+        if doc.n_tokens is not None:
+            continue
+        batch.append(doc)
+        texts.append(doc.text)
+        chars += len(texts[-1])
+        if len(batch) == chunk_docs or chars >= chunk_chars:
+            for counted, n in zip(batch, count(texts)):
+                counted.n_tokens = n
+            batch, texts, chars = [], [], 0
+    for counted, n in zip(batch, count(texts)):
+        counted.n_tokens = n
     return list(documents)
 
 
 def build_clusters(documents: Sequence[Document], tokenizer, budget_tokens: int) -> list[Cluster]:
     """Related documents packed into clusters of consecutive documents, each with at most
     `budget_tokens` tokens in all; groups in order of first appearance, documents in their
-    original order. Documents over the budget are split first (see the module docstring)."""
+    original order. Documents over the budget are split first (see the module docstring).
+    A cluster holds documents of one task-type set (`Document.tasks`, see task_types.py)."""
     if isinstance(budget_tokens, bool) or not isinstance(budget_tokens, int) or budget_tokens < 1:
         raise ValueError(f"budget_tokens must be a positive integer, got {budget_tokens!r}")
     if not documents:
@@ -263,7 +291,8 @@ def build_clusters(documents: Sequence[Document], tokenizer, budget_tokens: int)
         name = group if task_sets[group] == 1 else f"{group}[{'+'.join(tasks)}]"
         for k, part in enumerate(_balanced_partition([d.n_tokens for d in docs], budget_tokens)):
             members = [docs[i] for i in part]
-            clusters.append(Cluster(f"{name}#c{k}", members, sum(d.n_tokens for d in members), tasks))
+            clusters.append(Cluster(f"{name}#c{k}", members, sum(d.n_tokens for d in members), tasks,
+                                    members[0].data_source))
     return clusters
 
 
@@ -296,11 +325,14 @@ _SEPARATORS = (re.compile(r"\n(?:[ \t]*\n)+"), re.compile(r"\n"), re.compile(r"[
 
 
 def _split_document(doc: Document, budget: int, count: TokenCounter) -> list[Document]:
-    pieces = _split_text(doc.text, budget, count)
-    return [
-        replace(doc, id=f"{doc.id}#{k}", text=text, n_tokens=n)
-        for k, (text, n) in enumerate(pieces, start=1)
-    ]
+    stored = doc.__dict__["_text"]
+    pieces, start, out = _split_text(doc.text, budget, count), 0, []
+    for k, (text, n) in enumerate(pieces, start=1):  # the pieces join back to the text
+        size = len(text.encode("utf-8"))
+        out.append(replace(doc, id=f"{doc.id}#{k}", text=text if isinstance(stored, str) else stored.part(start, size),
+                           n_tokens=n))
+        start += size
+    return out
 
 
 def _split_text(text: str, budget: int, count: TokenCounter, n_tokens: int | None = None) -> list[tuple[str, int]]:

@@ -54,9 +54,11 @@ class GpuTelemetry:
 
 class Monitor:
     def __init__(self, out_dir, total_steps: int, *, bars: bool = True, stream=None, plot: bool = True,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, report_to=(), config: dict | None = None):
         """resume_step: continuing a run from this step: metrics.jsonl keeps the lines of
-        steps <= resume_step (a later line belongs to steps that are being redone)."""
+        steps <= resume_step (a later line belongs to steps that are being redone).
+        report_to: also send each step to these reporters ("tensorboard", "wandb";
+        spell_core/reporters.py); call close() at the end of the run."""
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.total_steps = total_steps
@@ -77,6 +79,11 @@ class Monitor:
         elif resume_step is None:
             for name in (METRICS_FILE, QUESTIONS_FILE):  # a fresh run in an old folder starts fresh logs
                 (self.out / name).unlink(missing_ok=True)
+        self._step_questions: list[dict] = []
+        self.reporters = []
+        if report_to:
+            from spell_core.reporters import open_reporters
+            self.reporters = open_reporters(report_to, self.out, resume_step=resume_step, config=config)
 
     # --- progress bars ------------------------------------------------------------------
 
@@ -105,9 +112,10 @@ class Monitor:
     def log_questions(self, step: int, questions) -> None:
         """Append what became of every question of the step to questions.jsonl (the texts the
         model wrote are the first thing to read when rewards stay flat)."""
+        records = [json.loads(json.dumps(question_record(step, q), default=_jsonable)) for q in questions]
         with open(self.out / QUESTIONS_FILE, "a") as f:
-            for q in questions:
-                f.write(json.dumps(question_record(step, q), default=_jsonable) + "\n")
+            f.writelines(json.dumps(record) + "\n" for record in records)
+        self._step_questions = records  # sent to the reporters with the step's metrics
 
     def log_step(self, metrics: dict) -> str:
         """Print the step's summary line, append its metrics (plus GPU telemetry) to
@@ -120,7 +128,17 @@ class Monitor:
         print(line, file=sys.stdout, flush=True)
         if self.plot_enabled:
             plot_metrics(self.history, self.out / PLOT_FILE)
+        questions = [q for q in self._step_questions if q["step"] == record.get("step")]
+        for reporter in self.reporters:
+            reporter.log(record["step"], json.loads(json.dumps(record, default=_jsonable)), questions)
+        self._step_questions = []
         return line
+
+    def close(self) -> None:
+        """Flush and close the reporters (TensorBoard files, the W&B run)."""
+        for reporter in self.reporters:
+            reporter.close()
+        self.reporters = []
 
 
 @contextlib.contextmanager

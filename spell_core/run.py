@@ -51,8 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "model only when its native context cannot hold ctx + prompt + response")
     parser.add_argument("--model", default=defaults.model.name,
                         help=f"model alias or local Hugging Face checkpoint folder (default: {defaults.model.name})")
-    parser.add_argument("--corpus", default=defaults.data.corpus,
-                        help=f"corpus alias or folder of .txt/.md/.jsonl files (default: {defaults.data.corpus})")
+    parser.add_argument("--corpus", nargs="+", default=[defaults.data.corpus], metavar="CORPUS",
+                        help="corpus alias, folder of .txt/.md/.jsonl files, or one or more .parquet / .jsonl tables or "
+                             "folders saved by datasets' save_to_disk (SPELL's training parquet files included) "
+                             f"(default: {defaults.data.corpus})")
+    parser.add_argument("--text-field", default=defaults.data.text_field,
+                        help=f"table corpora: the column holding a document (default: {defaults.data.text_field})")
+    parser.add_argument("--cluster-field", default=defaults.data.cluster_field,
+                        help="table corpora: the column whose equal values mark related documents "
+                             f"(default: {defaults.data.cluster_field})")
     parser.add_argument("--out", default=defaults.out,
                         help=f"run folder: config, metrics, plot, checkpoints (default: {defaults.out})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"random seed (default: {defaults.seed})")
@@ -103,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "step 0 and every --eval-every steps: pass@k per task type in metrics.jsonl/png")
     parser.add_argument("--eval-every", type=_count(1), default=10, help="steps between evaluations (default: 10)")
     parser.add_argument("--eval-n", type=_count(1), default=4, help="samples per eval question (default: 4)")
+    parser.add_argument("--report-to", type=_report_to_argument, default=(), metavar="NAMES",
+                        help="also send every step's metrics and questions to tensorboard, wandb (comma-separated) or "
+                             "none; W&B runs offline without an API key (default: none)")
     return parser
 
 
@@ -124,6 +134,15 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
                         help="pass enable_thinking to chat templates that take it (Qwen3); with it on, a GPU run's "
                              f"responses default to {THINKING_MAX_NEW_TOKENS} tokens (default: the template's own)")
+
+
+def _report_to_argument(text: str) -> tuple[str, ...]:
+    from spell_core.reporters import ReporterError, parse_report_to
+
+    try:
+        return parse_report_to(text)
+    except ReporterError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _ctx_argument(text: str) -> int:
@@ -196,7 +215,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse
                 args.reduced.append(key)
     config = RunConfig(
         model=ModelOptions(name=args.model, device=device),
-        data=DataOptions(corpus=args.corpus, ctx=args.ctx, tasks=list(args.tasks or [])),
+        data=DataOptions(corpus=args.corpus[0] if len(args.corpus) == 1 else args.corpus, ctx=args.ctx,
+                         text_field=args.text_field, cluster_field=args.cluster_field, tasks=list(args.tasks or [])),
         sampling=SamplingOptions(max_response_tokens=args.max_new_tokens, group_size=args.group_size),
         loop=LoopOptions(questions=args.questions, kept_groups=args.kept_groups, max_rounds=args.max_rounds,
                          questioner_reward=args.questioner_reward, kv_budget_tokens=args.kv_budget_tokens,
@@ -277,9 +297,6 @@ def _train_on_ranks(config: RunConfig, args, train_options, budget: int) -> int:
 
 
 def _train(config: RunConfig, args, train_options, budget: int, topology=None) -> int:
-    import torch
-
-    from spell_core.loop import StepAbandoned
     from spell_core.monitor import Monitor
     from spell_core.validation import Validation
 
@@ -300,7 +317,7 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
     from spell_core import train_state
     from spell_core.trainer import Trainer
 
-    from spell_core.data_parallel import agreed, self_play_for_rank
+    from spell_core.data_parallel import self_play_for_rank
     from spell_core.distributed import Topology
 
     topology = topology or Topology()
@@ -318,10 +335,26 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
         print(f"resumed     from {path} at step {start_step}")
     monitor = Monitor(out if topology.is_main else out / "ranks" / f"rank{topology.rank}", config.steps,
                       bars=not args.no_progress and topology.is_main,
-                      resume_step=start_step if args.resume is not None else None)
+                      resume_step=start_step if args.resume is not None else None,
+                      report_to=args.report_to if topology.is_main else (),
+                      config={**config.to_dict(), "trainer": asdict(train_options)})
     play.observer = monitor
     if validation and args.resume is None:
         validation.log_start(monitor, validation.at_step(model, tokenizer, 0, topology))
+    try:
+        return _steps(config, args, out, start_step, model, tokenizer, trainer, play, monitor, stop, topology,
+                      validation)
+    finally:
+        monitor.close()
+
+
+def _steps(config: RunConfig, args, out: Path, start_step: int, model, tokenizer, trainer, play, monitor, stop,
+           topology, validation) -> int:
+    import torch
+
+    from spell_core import train_state
+    from spell_core.data_parallel import agreed
+    from spell_core.loop import StepAbandoned
 
     saved_step = start_step if args.resume is not None else None
     step, exit_code = start_step, 0
@@ -440,8 +473,9 @@ class _StopFlag:
 def _load_model_and_documents(config: RunConfig, budget: int):
     import torch
 
-    from spell_core.assets import resolve_corpus, resolve_model
-    from spell_core.data import build_clusters, load_documents
+    from spell_core.assets import resolve_model
+    from spell_core.corpus_tables import load_corpus
+    from spell_core.data import build_clusters
     from spell_core.model import load_pretrained
     from spell_core.rope import with_rope_scaling
     from spell_core.task_types import TaskRules
@@ -466,8 +500,10 @@ def _load_model_and_documents(config: RunConfig, budget: int):
         print(f"native ctx  {native_ctx:,} tokens (holds --ctx {config.data.ctx:,} + prompt + response = {needed:,})")
 
     start = time.perf_counter()
-    corpus_path = resolve_corpus(config.data.corpus)
-    documents = TaskRules.parse(config.data.tasks).apply(load_documents(corpus_path))
+    corpus_path = config.data.corpus if isinstance(config.data.corpus, str) else ", ".join(config.data.corpus)
+    documents = load_corpus(config.data.corpus, text_field=config.data.text_field,
+                            cluster_field=config.data.cluster_field)
+    TaskRules.parse(config.data.tasks).apply(documents)
     clusters = build_clusters(documents, tokenizer, budget)
     sizes = [cluster.n_tokens for cluster in clusters]
     n_works = len({doc.group for doc in documents})
