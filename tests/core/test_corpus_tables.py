@@ -46,7 +46,7 @@ def test_release_layout_rows_are_clusters_that_carry_their_data_source(tmp_path,
         ("docmath_compshort", ("doc_math",), 2), ("ultrafineweb_en", ("doc_qa", "doc_mc"), 3)]
     assert clusters[0].id == "docmath_compshort/dm-17#c0"
     assert clusters[1].n_tokens == sum(len(tokenizer.encode(p, add_special_tokens=False)) for p in WEB["paragraphs"])
-    TaskRules.parse(["docmath=doc_qa"]).apply(documents)  # --tasks docmath=doc_qa overrides the default
+    documents = TaskRules.parse(["docmath=doc_qa"]).apply(load_corpus([str(first)]))  # overrides the default
     assert build_clusters(documents, tokenizer, 10_000)[0].tasks == ("doc_qa",)
 
 
