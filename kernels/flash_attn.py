@@ -114,17 +114,20 @@ def _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, n_lo, n_h
     past k_len or (CAUSAL) keys after the diagonal j <= i + diag; unmasked ones hold neither."""
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
+    # 64-bit row offsets: a block's first row in a scalar, the rows inside it in the tile
+    kt_offs = offs_n0[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
+    v_offs = offs_n0[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
     for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < k_len
+        kt_ptrs = k_base + tl.cast(start_n, tl.int64) * stride_kt + kt_offs
+        v_ptrs = v_base + tl.cast(start_n, tl.int64) * stride_vt + v_offs
         if MASKED:
-            kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            kt = tl.load(kt_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         else:
-            kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
         if MASKED:
             keep = n_ok[None, :]
@@ -170,7 +173,7 @@ def _attn_fwd(Q, K, V, Out, Lse, cu_q, cu_k, Parent, qk_scale,
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_len
     q_base = Q + q_start.to(tl.int64) * stride_qt + h * stride_qh
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
+    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :],
                 mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -202,9 +205,9 @@ def _attn_fwd(Q, K, V, Out, Lse, cu_q, cu_k, Parent, qk_scale,
     lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
     o_base = Out + q_start.to(tl.int64) * stride_ot + h * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(Out.dtype.element_ty),
+    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    tl.store(Lse + h * stride_lh + q_start + offs_m, lse, mask=m_ok)
+    tl.store(Lse + h.to(tl.int64) * stride_lh + q_start + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
@@ -219,7 +222,7 @@ def _bwd_preprocess(Out, dOut, Delta, total_q, stride_ot, stride_oh, stride_dot,
                 mask=mask, other=0.0).to(tl.float32)
     do = tl.load(dOut + offs_t[:, None].to(tl.int64) * stride_dot + h * stride_doh + offs_d[None, :],
                  mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + h * stride_lh + offs_t, tl.sum(o * do, 1), mask=offs_t < total_q)
+    tl.store(Delta + h.to(tl.int64) * stride_lh + offs_t, tl.sum(o * do, 1), mask=offs_t < total_q)
 
 
 @triton.jit
@@ -233,12 +236,14 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
     live registers than Hopper has and spill."""
     offs_m0 = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
+    qt_offs = offs_m0[None, :].to(tl.int64) * stride_qt + offs_d[:, None]  # 64-bit row offsets
+    do_offs = offs_m0[:, None].to(tl.int64) * stride_dot + offs_d[None, :]
     for start_m in range(m_lo, m_hi, BLOCK_M):
         offs_m = start_m + offs_m0
         m_ok = offs_m < m_hi
-        qt = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None],
+        qt = tl.load(q_base + tl.cast(start_m, tl.int64) * stride_qt + qt_offs,
                      mask=m_ok[None, :] & d_ok[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :],
+        do = tl.load(do_base + tl.cast(start_m, tl.int64) * stride_dot + do_offs,
                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
@@ -276,9 +281,9 @@ def _bwd_dkdv(Q, K, V, dOut, Lse, Delta, dK, dV, cu_q, cu_k, child_ptr, child_se
     offs_n = n_lo + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh + offs_n[:, None] * stride_kt
+    k = tl.load(K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh + offs_n[:, None].to(tl.int64) * stride_kt
                 + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh + offs_n[:, None] * stride_vt
+    v = tl.load(V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh + offs_n[:, None].to(tl.int64) * stride_vt
                 + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -311,14 +316,15 @@ def _bwd_dkdv(Q, K, V, dOut, Lse, Delta, dK, dV, cu_q, cu_k, child_ptr, child_se
             c_len = tl.load(cu_q + c + 1) - c_start
             dk, dv = _dkdv_range(dk, dv, k, v, Q + c_start.to(tl.int64) * stride_qt + h * stride_qh,
                                  dOut + c_start.to(tl.int64) * stride_dot + h * stride_doh,
-                                 Lse + h * stride_lh + c_start, Delta + h * stride_lh + c_start,
+                                 Lse + h.to(tl.int64) * stride_lh + c_start,
+                                 Delta + h.to(tl.int64) * stride_lh + c_start,
                                  stride_qt, stride_dot, tl.where(r == 0, m_first, 0), c_len,
                                  tl.where(r == 0, m_diag_end, 0), diag, offs_n, offs_d, qk_scale,
                                  HEAD_DIM, BLOCK_M, CAUSAL, PRECISION)
 
-    tl.store(dK + k_start.to(tl.int64) * stride_dkt + kvh * stride_dkh + offs_n[:, None] * stride_dkt
+    tl.store(dK + k_start.to(tl.int64) * stride_dkt + kvh * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkt
              + offs_d[None, :], (dk * sm_scale).to(dK.dtype.element_ty), mask=kv_mask)
-    tl.store(dV + k_start.to(tl.int64) * stride_dvt + kvh * stride_dvh + offs_n[:, None] * stride_dvt
+    tl.store(dV + k_start.to(tl.int64) * stride_dvt + kvh * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvt
              + offs_d[None, :], dv.to(dV.dtype.element_ty), mask=kv_mask)
 
 
@@ -330,17 +336,19 @@ def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, n_lo
     """Accumulate dq (BLOCK_M, BLOCK_D) over key blocks [n_lo, n_hi) (masking as _fwd_range)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
+    kt_offs = offs_n0[None, :].to(tl.int64) * stride_kt + offs_d[:, None]  # 64-bit row offsets
+    vt_offs = offs_n0[None, :].to(tl.int64) * stride_vt + offs_d[:, None]
     for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < k_len
+        kt_ptrs = k_base + tl.cast(start_n, tl.int64) * stride_kt + kt_offs
+        vt_ptrs = v_base + tl.cast(start_n, tl.int64) * stride_vt + vt_offs
         if MASKED:
-            kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            vt = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None],
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            kt = tl.load(kt_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            vt = tl.load(vt_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         else:
-            kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-            vt = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+            vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
         p = tl.math.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse2[:, None])
         if MASKED:
             keep = n_ok[None, :]
@@ -378,13 +386,13 @@ def _bwd_dq(Q, K, V, dOut, Lse, Delta, dQ, cu_q, cu_k, Parent, qk_scale, sm_scal
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_len
     io_mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + q_start.to(tl.int64) * stride_qt + h * stride_qh + offs_m[:, None] * stride_qt
+    q = tl.load(Q + q_start.to(tl.int64) * stride_qt + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt
                 + offs_d[None, :], mask=io_mask, other=0.0)
-    do = tl.load(dOut + q_start.to(tl.int64) * stride_dot + h * stride_doh + offs_m[:, None] * stride_dot
+    do = tl.load(dOut + q_start.to(tl.int64) * stride_dot + h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot
                  + offs_d[None, :], mask=io_mask, other=0.0)
-    lse = tl.load(Lse + h * stride_lh + q_start + offs_m, mask=m_ok, other=float("inf"))
+    lse = tl.load(Lse + h.to(tl.int64) * stride_lh + q_start + offs_m, mask=m_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(Delta + h * stride_lh + q_start + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(Delta + h.to(tl.int64) * stride_lh + q_start + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     if HAS_PARENT:
@@ -403,7 +411,7 @@ def _bwd_dq(Q, K, V, dOut, Lse, Delta, dQ, cu_q, cu_k, Parent, qk_scale, sm_scal
     dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, n_full, n_hi, k_len, diag,
                    offs_m, offs_d, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, PRECISION)
 
-    tl.store(dQ + q_start.to(tl.int64) * stride_dqt + h * stride_dqh + offs_m[:, None] * stride_dqt
+    tl.store(dQ + q_start.to(tl.int64) * stride_dqt + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqt
              + offs_d[None, :], (dq * sm_scale).to(dQ.dtype.element_ty), mask=io_mask)
 
 
@@ -637,3 +645,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     out, lse = FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          softmax_scale, causal, None)
     return (out, lse) if return_lse else out
+
+
+def aot_variants(head_dim, dtype):
+    """The kernels the launchers start on a GPU for this head dim and dtype, for the compile
+    report (bench/aot_report.py) and its test: (label, kernel name, config kind, extra
+    constexprs, names of tensor-descriptor arguments)."""
+    return [("fwd", "_attn_fwd", "fwd", {}, ()),
+            ("bwd dk/dv", "_bwd_dkdv", "dkdv", {}, ()),
+            ("bwd dq", "_bwd_dq", "dq", {}, ())]
