@@ -137,13 +137,15 @@ def _sass_lines(sass):
 
 
 def sass_loops(sass, matmul="HGMMA"):
-    """Instruction counts of the innermost loops (backward branch to an earlier label) that
-    contain a matmul: a list of ints, one per loop, in program order."""
+    """Instruction counts of the innermost loops (conditional backward branch to an earlier
+    label) that contain a matmul: a list of ints, one per loop, in program order."""
     lines = _sass_lines(sass)
     label_at = {text: i for i, (kind, text) in enumerate(lines) if kind == "label"}
     loops = []
     for i, (kind, text) in enumerate(lines):
-        if kind != "insn" or "BRA" not in text:
+        # a loop closes with a conditional backward branch; the unconditional ones jump back
+        # from out-of-line blocks (e.g. the retry of an mbarrier wait) and are not loops
+        if kind != "insn" or "BRA" not in text or not text.startswith("@"):
             continue
         target = re.search(r"BRA\s+`?\(?(\.?L[\w.]+)", text)
         if target and label_at.get(target.group(1), i) < i:
