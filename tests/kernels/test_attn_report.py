@@ -37,7 +37,12 @@ def _rows_64bit(X, Y, stride_t, BLOCK: tl.constexpr):
 def narrow_stride_uses(ptx, signature):
     """{stride name: [PTX instructions that use it in 32-bit arithmetic]} and the set of row
     strides found, for the row-stride parameters of one compiled kernel."""
-    params = [name for name, ty in signature.items() if ty != "constexpr"]
+    params = []  # kernel parameters in PTX order: a 2-D TMA descriptor is the CUtensorMap + shape + strides
+    for name, ty in signature.items():
+        if ty.startswith("tensordesc"):
+            params += [name] + [None] * 2 * (ty.count(",") + 1)
+        elif ty != "constexpr":
+            params.append(name)
     narrow, found = {}, set()
     for index, name in enumerate(params):
         if name not in ROW_STRIDES:
