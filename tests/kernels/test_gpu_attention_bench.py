@@ -64,3 +64,16 @@ def test_attention_rows_on_the_interpreter(triton_path, monkeypatch):
 @pytest.mark.parametrize("kind", ["fwd_tma", "dkdv_atomic"])
 def test_new_kinds_have_every_head_dim(kind):
     assert set(flash_attn.GPU_CONFIGS[kind]) == set(flash_attn.GPU_CONFIGS["fwd"])
+
+
+def test_config_sweep_stops_at_its_deadline(triton_path, monkeypatch):
+    # past the deadline every candidate is listed as skipped (and nothing is left patched)
+    monkeypatch.setattr(ga, "dev", "cpu")
+    monkeypatch.setattr(ga, "dry", True)
+    monkeypatch.setattr(flash_attn, "INTERPRET_CONFIG", dict(BLOCK_M=32, BLOCK_N=32))
+    before = {kind: dict(flash_attn.GPU_CONFIGS[kind]) for kind in ga.CONFIG_CANDIDATES}
+    rows = ga.config_sweep(deadline=0.0)
+    assert len(rows) == sum(len(c) for c in ga.CONFIG_CANDIDATES.values())
+    assert all(ms == "skipped (time budget)" for _, _, ms, _ in rows)
+    assert sum(shipped for *_, shipped in rows) == len(ga.CONFIG_CANDIDATES)
+    assert {kind: flash_attn.GPU_CONFIGS[kind] for kind in ga.CONFIG_CANDIDATES} == before
