@@ -2,11 +2,11 @@
 
 Stable names other modules rely on:
   flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         softmax_scale=None, causal=False, return_lse=False)
+                         softmax_scale=None, causal=False, return_lse=False, deterministic=True)
   varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                  softmax_scale, causal, parent=None) -> (out, lse (Hq, total_q) fp32, fp64 for fp64)
   varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                  max_seqlen_k, softmax_scale, causal, parent=None) -> (dq, dk, dv)
+                  max_seqlen_k, softmax_scale, causal, parent=None, deterministic=True) -> (dq, dk, dv)
       flash-style: P = exp(scale*qk^T - lse), D = rowsum(dout*out); out/lse may come from
       attention over a superset of the keys (ring attention), giving this block's share.
 
@@ -20,12 +20,19 @@ gets out = 0 and lse = -inf. lse is in natural-log units.
 attends, without a causal mask, to all keys of segment parent[s]. This is how shared-prefix
 groups run (see shared_prefix.py); one level only: a segment does not see its parent's parent.
 
-The Triton kernels: `_attn_fwd` (online softmax in base 2, log2(e) folded into the scale,
-fp32 lse), `_bwd_preprocess` (delta = rowsum(dout * out)), `_bwd_dkdv` (one program per key
-block and KV head, looping over the query blocks of every query head of its GQA group, then
-over the segments whose parent it is) and `_bwd_dq` (one program per query block). Every
-gradient element is written by one program in a fixed loop order: the backward is
-deterministic, without atomics.
+The Triton kernels: `_attn_fwd` (online softmax in base 2; the scale, with log2(e), applied in
+one FMA with the row max; V loaded after the scores so K and V are waited for separately; K/V
+through TMA tensor descriptors on sm_90+ (USE_TMA), pointers elsewhere; query blocks fastest in
+the grid so co-running programs share K/V in L2), `_bwd_preprocess` (delta = rowsum(dout * out)),
+`_bwd_dkdv` (one program per key block and KV head, heaviest causal blocks first, looping over
+the query blocks of every query head of its GQA group, then over the segments whose parent it
+is) and `_bwd_dq` (one program per query block). By default every gradient element is written
+by one program in a fixed loop order: the backward is deterministic, without atomics. With
+deterministic=False the dk/dv kernel also forms each block's dq share (5 matmuls per block
+pair instead of 7) and adds it into an fp32 buffer with atomics; `_bwd_dq` is skipped.
+Row offsets are 64-bit (a segment may hold more than 2^31 / (heads * head_dim) tokens).
+The compile report for sm_90 (registers, spills, instructions per loop step) is
+bench/aot_report.py.
 """
 import math
 
@@ -34,6 +41,11 @@ import torch
 from . import attn_cpu, reference
 from ._dispatch import use_triton
 from ._triton import tl, triton
+
+try:  # host-side TMA descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 LOG2E = 1.4426950408889634  # the kernels spell out log2(e) and ln(2) as literals
 
@@ -47,8 +59,19 @@ GPU_CONFIGS = {
         64: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
         128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
     },
+    # K/V through TMA (sm_90+; head dims that are powers of two): a third K/V stage fits at
+    # D = 128 (225 KiB of Hopper's 227)
+    "fwd_tma": {
+        64: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+        128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    },
     # BLOCK_N key rows and their fp32 dk/dv stay in registers while query blocks stream through
     "dkdv": {
+        64: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+        128: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+    },
+    # deterministic=False: the dk/dv kernel also forms dq (one more matmul, atomics)
+    "dkdv_atomic": {
         64: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
         128: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
     },
@@ -62,6 +85,7 @@ GPU_CONFIGS = {
 GPU_CONFIGS_FP32 = {
     "fwd": {128: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)},
     "dkdv": {128: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)},
+    "dkdv_atomic": {128: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)},
     "dq": {128: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)},
 }
 PREPROCESS_BLOCK = 128
@@ -71,6 +95,10 @@ PREPROCESS_BLOCK = 128
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
 
 MAX_HEAD_DIM = 128
+
+# K/V of the forward through TMA tensor descriptors (Hopper's bulk copies): None = where the GPU
+# has them (sm_90+), True = always (the interpreter runs them too: tests), False = never
+USE_TMA = None
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -106,40 +134,69 @@ def _own_key_blocks(q_len, k_len, m_lo, m_hi, BLOCK_N: tl.constexpr, CAUSAL: tl.
 
 
 @triton.jit
-def _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, n_lo, n_hi, k_len, diag,
-               offs_m, offs_d, qk_scale,
+def _parent_rows(Parent, cu_k, seg, BLOCK_N: tl.constexpr):
+    """First key row, length and end of the whole key blocks of segment seg's parent range
+    (length 0 when parent[seg] = -1)."""
+    par = tl.load(Parent + seg)
+    par_safe = tl.maximum(par, 0)
+    x_start = tl.load(cu_k + par_safe)
+    x_len = tl.where(par >= 0, tl.load(cu_k + par_safe + 1) - x_start, 0)
+    return x_start, x_len, (x_len // BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def _fwd_range(acc, l_i, m_i, q, K, V, row0, kvh, stride_kt, stride_kh, stride_vt, stride_vh,
+               n_lo, n_hi, k_len, diag, offs_m, offs_d, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax accumulation over key blocks [n_lo, n_hi). MASKED blocks may hold keys
-    past k_len or (CAUSAL) keys after the diagonal j <= i + diag; unmasked ones hold neither."""
+               CAUSAL: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """Online-softmax accumulation over the key blocks [n_lo, n_hi) of the keys starting at
+    token row0. MASKED blocks may hold keys past k_len or (CAUSAL) keys after the diagonal
+    j <= i + diag; unmasked ones hold neither. With USE_TMA, K and V are tensor descriptors
+    over (total_k, Hkv * HEAD_DIM) (rows of a masked block past the segment are other tokens'
+    or zeros: masked out of the scores); else pointers.
+
+    In the tutorial's form: the scale is folded into one FMA with the row max (qk_scale > 0),
+    V is loaded after the scores so K and V are waited for separately."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < HEAD_DIM
+    if not USE_TMA:
+        d_ok = offs_d < HEAD_DIM
+        # 64-bit row offsets: a block's first row in a scalar, the rows inside it in the tile
+        k_base = K + tl.cast(row0, tl.int64) * stride_kt + kvh * stride_kh
+        v_base = V + tl.cast(row0, tl.int64) * stride_vt + kvh * stride_vh
+        kt_offs = offs_n0[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
+        v_offs = offs_n0[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
     for start_n in range(n_lo, n_hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < k_len
-        if MASKED:
-            kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if USE_TMA:
+            kt = K.load([row0 + start_n, kvh * HEAD_DIM]).T
+        elif MASKED:
+            kt = tl.load(k_base + tl.cast(start_n, tl.int64) * stride_kt + kt_offs,
+                         mask=(start_n + offs_n0 < k_len)[None, :] & d_ok[:, None], other=0.0)
         else:
-            kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            kt = tl.load(k_base + tl.cast(start_n, tl.int64) * stride_kt + kt_offs, mask=d_ok[:, None], other=0.0)
+        qk = tl.dot(q, kt, input_precision=PRECISION)
         if MASKED:
-            keep = n_ok[None, :]
+            offs_n = start_n + offs_n0
+            keep = offs_n[None, :] < k_len
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
-            qk = tl.where(keep, qk, float("-inf"))
+            qk = tl.where(keep, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # row without keys so far
+            p = tl.math.exp2(qk - m_use[:, None])
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if USE_TMA:
+            v = V.load([row0 + start_n, kvh * HEAD_DIM])
+        elif MASKED:
+            v = tl.load(v_base + tl.cast(start_n, tl.int64) * stride_vt + v_offs,
+                        mask=(start_n + offs_n0 < k_len)[:, None] & d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_base + tl.cast(start_n, tl.int64) * stride_vt + v_offs, mask=d_ok[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -148,15 +205,18 @@ def _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, n_lo, n_h
 @triton.jit
 def _attn_fwd(Q, K, V, Out, Lse, cu_q, cu_k, Parent, qk_scale,
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-              stride_ot, stride_oh, stride_lh, n_heads_q,
+              stride_ot, stride_oh, stride_lh, n_heads_q, n_blocks_m,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-              HAS_PARENT: tl.constexpr, PRECISION: tl.constexpr):
-    pid_sh = tl.program_id(0)
+              HAS_PARENT: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    # one program per (segment, query head, query block), query blocks fastest: the blocks that
+    # run together read the same K/V from L2; the longest causal rows of each head first
+    pid = tl.program_id(0)
+    pid_sh = pid // n_blocks_m
+    pid_m = n_blocks_m - 1 - pid % n_blocks_m
     seg = pid_sh // n_heads_q
     h = pid_sh % n_heads_q
     kvh = h // GROUP
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # longest causal rows first
     q_start = tl.load(cu_q + seg)
     q_len = tl.load(cu_q + seg + 1) - q_start
     m_lo = pid_m * BLOCK_M
@@ -170,7 +230,7 @@ def _attn_fwd(Q, K, V, Out, Lse, cu_q, cu_k, Parent, qk_scale,
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_len
     q_base = Q + q_start.to(tl.int64) * stride_qt + h * stride_qh
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
+    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :],
                 mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -178,33 +238,30 @@ def _attn_fwd(Q, K, V, Out, Lse, cu_q, cu_k, Parent, qk_scale,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     if HAS_PARENT:  # the parent's keys, all visible
-        xk_base, xv_base, x_len, x_full = _parent_keys(Parent, cu_k, K, V, seg, kvh, stride_kt, stride_kh,
-                                                       stride_vt, stride_vh, BLOCK_N)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, xk_base, xv_base, stride_kt, stride_vt, 0, x_full,
-                                   x_len, 0, offs_m, offs_d, qk_scale,
-                                   HEAD_DIM, BLOCK_N, False, False, PRECISION)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, xk_base, xv_base, stride_kt, stride_vt, x_full, x_len,
-                                   x_len, 0, offs_m, offs_d, qk_scale,
-                                   HEAD_DIM, BLOCK_N, True, False, PRECISION)
+        x_start, x_len, x_full = _parent_rows(Parent, cu_k, seg, BLOCK_N)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, K, V, x_start, kvh, stride_kt, stride_kh, stride_vt, stride_vh,
+                                   0, x_full, x_len, 0, offs_m, offs_d, qk_scale,
+                                   HEAD_DIM, BLOCK_N, False, False, PRECISION, USE_TMA)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, K, V, x_start, kvh, stride_kt, stride_kh, stride_vt, stride_vh,
+                                   x_full, x_len, x_len, 0, offs_m, offs_d, qk_scale,
+                                   HEAD_DIM, BLOCK_N, True, False, PRECISION, USE_TMA)
 
-    k_base = K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
-    v_base = V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
     diag, n_full, n_hi = _own_key_blocks(q_len, k_len, m_lo, m_hi, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, n_full,
-                               k_len, diag, offs_m, offs_d, qk_scale,
-                               HEAD_DIM, BLOCK_N, False, CAUSAL, PRECISION)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, n_full, n_hi,
-                               k_len, diag, offs_m, offs_d, qk_scale,
-                               HEAD_DIM, BLOCK_N, True, CAUSAL, PRECISION)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, K, V, k_start, kvh, stride_kt, stride_kh, stride_vt, stride_vh,
+                               0, n_full, k_len, diag, offs_m, offs_d, qk_scale,
+                               HEAD_DIM, BLOCK_N, False, CAUSAL, PRECISION, USE_TMA)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, K, V, k_start, kvh, stride_kt, stride_kh, stride_vt, stride_vh,
+                               n_full, n_hi, k_len, diag, offs_m, offs_d, qk_scale,
+                               HEAD_DIM, BLOCK_N, True, CAUSAL, PRECISION, USE_TMA)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
     o_base = Out + q_start.to(tl.int64) * stride_ot + h * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(Out.dtype.element_ty),
+    tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    tl.store(Lse + h * stride_lh + q_start + offs_m, lse, mask=m_ok)
+    tl.store(Lse + h.to(tl.int64) * stride_lh + q_start + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
@@ -219,26 +276,29 @@ def _bwd_preprocess(Out, dOut, Delta, total_q, stride_ot, stride_oh, stride_dot,
                 mask=mask, other=0.0).to(tl.float32)
     do = tl.load(dOut + offs_t[:, None].to(tl.int64) * stride_dot + h * stride_doh + offs_d[None, :],
                  mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + h * stride_lh + offs_t, tl.sum(o * do, 1), mask=offs_t < total_q)
+    tl.store(Delta + h.to(tl.int64) * stride_lh + offs_t, tl.sum(o * do, 1), mask=offs_t < total_q)
 
 
 @triton.jit
-def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot, stride_aqt,
                 m_lo, m_hi, m_diag_end, diag, offs_n, offs_d, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-                PRECISION: tl.constexpr):
+                PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """Accumulate dk, dv (BLOCK_N, BLOCK_D) over the query rows [m_lo, m_hi), transposed: rows
     are keys. Blocks starting before m_diag_end get the causal mask j <= i + diag. One loop
     (not split into masked / unmasked loops as the forward is): two loops here hold more
-    live registers than Hopper has and spill."""
+    live registers than Hopper has and spill. ATOMIC_DQ: also add each query block's share of
+    dq / sm_scale (a fifth matmul) into the fp32 rows at dq_base with atomics."""
     offs_m0 = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
+    qt_offs = offs_m0[None, :].to(tl.int64) * stride_qt + offs_d[:, None]  # 64-bit row offsets
+    do_offs = offs_m0[:, None].to(tl.int64) * stride_dot + offs_d[None, :]
     for start_m in range(m_lo, m_hi, BLOCK_M):
         offs_m = start_m + offs_m0
         m_ok = offs_m < m_hi
-        qt = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None],
+        qt = tl.load(q_base + tl.cast(start_m, tl.int64) * stride_qt + qt_offs,
                      mask=m_ok[None, :] & d_ok[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :],
+        do = tl.load(do_base + tl.cast(start_m, tl.int64) * stride_dot + do_offs,
                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
@@ -252,21 +312,25 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dst = pt * (dpt - delta[None, :])
         dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PRECISION)
+            tl.atomic_add(dq_base + tl.cast(start_m, tl.int64) * stride_aqt + offs_m0[:, None].to(tl.int64) * stride_aqt
+                          + offs_d[None, :], dq, mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, dOut, Lse, Delta, dK, dV, cu_q, cu_k, child_ptr, child_seg, qk_scale, sm_scale,
+def _bwd_dkdv(Q, K, V, dOut, Lse, Delta, dK, dV, dQacc, cu_q, cu_k, child_ptr, child_seg, qk_scale, sm_scale,
               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-              stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+              stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_aqt, stride_aqh,
               stride_lh, n_heads_kv,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-              HAS_PARENT: tl.constexpr, PRECISION: tl.constexpr):
+              HAS_PARENT: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     pid_sh = tl.program_id(0)
     seg = pid_sh // n_heads_kv
     kvh = pid_sh % n_heads_kv
-    pid_n = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_n = tl.program_id(1)  # heaviest first: under a causal mask the first key blocks see the most queries
     k_start = tl.load(cu_k + seg)
     k_len = tl.load(cu_k + seg + 1) - k_start
     n_lo = pid_n * BLOCK_N
@@ -276,9 +340,9 @@ def _bwd_dkdv(Q, K, V, dOut, Lse, Delta, dK, dV, cu_q, cu_k, child_ptr, child_se
     offs_n = n_lo + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh + offs_n[:, None] * stride_kt
+    k = tl.load(K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh + offs_n[:, None].to(tl.int64) * stride_kt
                 + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh + offs_n[:, None] * stride_vt
+    v = tl.load(V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh + offs_n[:, None].to(tl.int64) * stride_vt
                 + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -311,14 +375,16 @@ def _bwd_dkdv(Q, K, V, dOut, Lse, Delta, dK, dV, cu_q, cu_k, child_ptr, child_se
             c_len = tl.load(cu_q + c + 1) - c_start
             dk, dv = _dkdv_range(dk, dv, k, v, Q + c_start.to(tl.int64) * stride_qt + h * stride_qh,
                                  dOut + c_start.to(tl.int64) * stride_dot + h * stride_doh,
-                                 Lse + h * stride_lh + c_start, Delta + h * stride_lh + c_start,
-                                 stride_qt, stride_dot, tl.where(r == 0, m_first, 0), c_len,
+                                 Lse + h.to(tl.int64) * stride_lh + c_start,
+                                 Delta + h.to(tl.int64) * stride_lh + c_start,
+                                 dQacc + c_start.to(tl.int64) * stride_aqt + h * stride_aqh,
+                                 stride_qt, stride_dot, stride_aqt, tl.where(r == 0, m_first, 0), c_len,
                                  tl.where(r == 0, m_diag_end, 0), diag, offs_n, offs_d, qk_scale,
-                                 HEAD_DIM, BLOCK_M, CAUSAL, PRECISION)
+                                 HEAD_DIM, BLOCK_M, CAUSAL, PRECISION, ATOMIC_DQ)
 
-    tl.store(dK + k_start.to(tl.int64) * stride_dkt + kvh * stride_dkh + offs_n[:, None] * stride_dkt
+    tl.store(dK + k_start.to(tl.int64) * stride_dkt + kvh * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkt
              + offs_d[None, :], (dk * sm_scale).to(dK.dtype.element_ty), mask=kv_mask)
-    tl.store(dV + k_start.to(tl.int64) * stride_dvt + kvh * stride_dvh + offs_n[:, None] * stride_dvt
+    tl.store(dV + k_start.to(tl.int64) * stride_dvt + kvh * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvt
              + offs_d[None, :], dv.to(dV.dtype.element_ty), mask=kv_mask)
 
 
@@ -330,17 +396,19 @@ def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, n_lo
     """Accumulate dq (BLOCK_M, BLOCK_D) over key blocks [n_lo, n_hi) (masking as _fwd_range)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
+    kt_offs = offs_n0[None, :].to(tl.int64) * stride_kt + offs_d[:, None]  # 64-bit row offsets
+    vt_offs = offs_n0[None, :].to(tl.int64) * stride_vt + offs_d[:, None]
     for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < k_len
+        kt_ptrs = k_base + tl.cast(start_n, tl.int64) * stride_kt + kt_offs
+        vt_ptrs = v_base + tl.cast(start_n, tl.int64) * stride_vt + vt_offs
         if MASKED:
-            kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            vt = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None],
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            kt = tl.load(kt_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            vt = tl.load(vt_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         else:
-            kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-            vt = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+            vt = tl.load(vt_ptrs, mask=d_ok[:, None], other=0.0)
         p = tl.math.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse2[:, None])
         if MASKED:
             keep = n_ok[None, :]
@@ -378,13 +446,13 @@ def _bwd_dq(Q, K, V, dOut, Lse, Delta, dQ, cu_q, cu_k, Parent, qk_scale, sm_scal
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_len
     io_mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + q_start.to(tl.int64) * stride_qt + h * stride_qh + offs_m[:, None] * stride_qt
+    q = tl.load(Q + q_start.to(tl.int64) * stride_qt + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt
                 + offs_d[None, :], mask=io_mask, other=0.0)
-    do = tl.load(dOut + q_start.to(tl.int64) * stride_dot + h * stride_doh + offs_m[:, None] * stride_dot
+    do = tl.load(dOut + q_start.to(tl.int64) * stride_dot + h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dot
                  + offs_d[None, :], mask=io_mask, other=0.0)
-    lse = tl.load(Lse + h * stride_lh + q_start + offs_m, mask=m_ok, other=float("inf"))
+    lse = tl.load(Lse + h.to(tl.int64) * stride_lh + q_start + offs_m, mask=m_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(Delta + h * stride_lh + q_start + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(Delta + h.to(tl.int64) * stride_lh + q_start + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     if HAS_PARENT:
@@ -403,7 +471,7 @@ def _bwd_dq(Q, K, V, dOut, Lse, Delta, dQ, cu_q, cu_k, Parent, qk_scale, sm_scal
     dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, n_full, n_hi, k_len, diag,
                    offs_m, offs_d, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, PRECISION)
 
-    tl.store(dQ + q_start.to(tl.int64) * stride_dqt + h * stride_dqh + offs_m[:, None] * stride_dqt
+    tl.store(dQ + q_start.to(tl.int64) * stride_dqt + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqt
              + offs_d[None, :], (dq * sm_scale).to(dQ.dtype.element_ty), mask=io_mask)
 
 
@@ -424,6 +492,25 @@ def _precision(dtype):
     # fp32: three TF32 products per dot (tensor cores, about fp32 accuracy); "ieee" would run on FMA
     # units and spill badly
     return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _use_tma(k, v):
+    """Whether the forward reads K/V through TMA tensor descriptors: USE_TMA (None = on for
+    Hopper and newer GPUs), fp16/bf16, head dim a power of two (a descriptor block spans whole
+    heads), K/V packed (total, heads, head_dim) from a 16-byte aligned start."""
+    if USE_TMA is False or TensorDescriptor is None:
+        return False
+    if USE_TMA is None and (k.device.type != "cuda" or torch.cuda.get_device_capability(k.device)[0] < 9):
+        return False
+    total, heads, d = k.shape
+    packed = all(t.stride() == (heads * d, d, 1) and t.data_ptr() % 16 == 0 for t in (k, v))
+    # float32 is a checking path (3xTF32 dots, small tiles): pointers
+    return packed and d == _block_d(d) and k.dtype in (torch.float16, torch.bfloat16) and total > 0
+
+
+def _kv_descriptors(k, v, block_n):
+    total, heads, d = k.shape
+    return tuple(TensorDescriptor(t, [total, heads * d], [heads * d, 1], [block_n, d]) for t in (k, v))
 
 
 def _segment_children(parent, num_segments):
@@ -449,19 +536,21 @@ def _triton_forward(q, k, v, cu_q, cu_k, max_q, scale, causal, parent):
         lse.fill_(-math.inf)
         out.zero_()
         return out, lse
-    cfg = _config("fwd", d, q.device, q.dtype)
+    use_tma = _use_tma(k, v)
+    cfg = _config("fwd_tma" if use_tma else "fwd", d, q.device, q.dtype)
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    grid = (num_segments * hq, triton.cdiv(max_q, block_m))
-    _attn_fwd[grid](
-        q, k, v, out, lse, cu_q, cu_k, parent if parent is not None else cu_q, scale * LOG2E,
+    n_blocks_m = triton.cdiv(max_q, block_m)
+    kv = _kv_descriptors(k, v, block_n) if use_tma else (k, v)
+    _attn_fwd[(num_segments * hq * n_blocks_m,)](
+        q, *kv, out, lse, cu_q, cu_k, parent if parent is not None else cu_q, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0), hq,
+        out.stride(0), out.stride(1), lse.stride(0), hq, n_blocks_m,
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=causal, HAS_PARENT=parent is not None, PRECISION=_precision(q.dtype), **cfg)
+        CAUSAL=causal, HAS_PARENT=parent is not None, PRECISION=_precision(q.dtype), USE_TMA=use_tma, **cfg)
     return out, lse
 
 
-def _triton_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, parent):
+def _triton_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, parent, deterministic=True):
     total_q, hq, d = q.shape
     total_k, hkv = k.shape[0], k.shape[1]
     num_segments = cu_q.numel() - 1
@@ -479,16 +568,22 @@ def _triton_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, c
         child_ptr, child_seg = _segment_children(parent, num_segments)
     else:
         child_ptr = child_seg = cu_q
-    cfg = _config("dkdv", d, q.device, q.dtype)
+    # deterministic: dq in its own kernel (7 matmuls per block pair); else the dk/dv kernel also
+    # adds dq in fp32 with atomics (5 matmuls; the order of the additions varies run to run)
+    dq_acc = q if deterministic else torch.zeros((total_q, hq, d), dtype=torch.float32, device=q.device)
+    cfg = _config("dkdv" if deterministic else "dkdv_atomic", d, q.device, q.dtype)
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     if max_k == 0:
         dk.zero_(), dv.zero_()
     else:
         _bwd_dkdv[(num_segments * hkv, triton.cdiv(max_k, block_n))](
-            q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, child_ptr, child_seg, scale * LOG2E, scale,
+            q, k, v, dout, lse, delta, dk, dv, dq_acc, cu_q, cu_k, child_ptr, child_seg, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            lse.stride(0), hkv, BLOCK_M=block_m, BLOCK_N=block_n, **common, **cfg)
+            dq_acc.stride(0), dq_acc.stride(1), lse.stride(0), hkv, BLOCK_M=block_m, BLOCK_N=block_n,
+            ATOMIC_DQ=not deterministic, **common, **cfg)
+    if not deterministic:
+        return (dq_acc * scale).to(q.dtype), dk, dv
     cfg = _config("dq", d, q.device, q.dtype)
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     if max_q == 0:
@@ -574,6 +669,9 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     triton_path = use_triton(q, k, v)
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, parent, triton_path)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    if triton_path and not scale > 0:
+        raise ValueError(f"softmax_scale must be positive for the Triton kernels (they take the row max of the "
+                         f"unscaled scores); got {scale}")
     if not triton_path:
         if q.device.type != "cpu":  # SPELL_KERNELS=torch on a GPU: the plain reference, for debugging
             _no_parent_on_reference(parent)
@@ -586,8 +684,9 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 
 
 def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    softmax_scale, causal, parent=None):
-    """Gradients (dq, dk, dv) from the saved out and lse (flash-style; see module docstring)."""
+                    softmax_scale, causal, parent=None, deterministic=True):
+    """Gradients (dq, dk, dv) from the saved out and lse (flash-style; see module docstring).
+    deterministic=False lets the Triton backward add dq with fp32 atomics (faster; bits vary)."""
     triton_path = use_triton(q, k, v)
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, parent, triton_path)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
@@ -602,7 +701,7 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
     _check_max_seqlen(cu_seqlens_k, max_seqlen_k, "max_seqlen_k")
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     return _triton_backward(dout, q, k, v, out, lse.float(), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                            int(max_seqlen_k), scale, causal, parent)
+                            int(max_seqlen_k), scale, causal, parent, deterministic)
 
 
 class FlashAttnVarlenFunc(torch.autograd.Function):
@@ -610,30 +709,44 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                parent=None):
+                parent=None, deterministic=True):
         out, lse = varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   softmax_scale, causal, parent)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, parent)
-        ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+        ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, deterministic)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_q, cu_k, parent = ctx.saved_tensors
-        max_q, max_k, scale, causal = ctx.args
-        dq, dk, dv = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, parent)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        max_q, max_k, scale, causal, deterministic = ctx.args
+        dq, dk, dv = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, parent,
+                                     deterministic=deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           softmax_scale=None, causal=False, return_lse=False):
+                           softmax_scale=None, causal=False, return_lse=False, deterministic=True):
     """Varlen attention with flash-attn's arguments and layout (see module docstring).
 
     q (total_q, Hq, D), k/v (total_k, Hkv, D) with Hq % Hkv == 0; cu_seqlens_* int32 (batch+1,);
     max_seqlen_* the longest segment (sizes the GPU grid). Returns out (total_q, Hq, D), and
     lse (Hq, total_q) fp32 (fp64 for fp64 inputs) when return_lse. Differentiable in q, k, v.
+    deterministic (flash-attn's flag): True (default) gives bitwise-repeatable gradients; False
+    lets the Triton backward accumulate dq with fp32 atomics, two fewer matmuls per block pair.
     """
     out, lse = FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                         softmax_scale, causal, None)
+                                         softmax_scale, causal, None, deterministic)
     return (out, lse) if return_lse else out
+
+
+def aot_variants(head_dim, dtype):
+    """The kernels the launchers start on a GPU for this head dim and dtype, for the compile
+    report (bench/aot_report.py) and its test: (label, kernel name, config kind, extra
+    constexprs, names of tensor-descriptor arguments)."""
+    return [("fwd", "_attn_fwd", "fwd", {"USE_TMA": False}, ()),
+            ("fwd TMA", "_attn_fwd", "fwd_tma", {"USE_TMA": True}, ("K", "V")),
+            ("bwd dk/dv", "_bwd_dkdv", "dkdv", {"ATOMIC_DQ": False}, ()),
+            ("bwd dk/dv+dq atomic", "_bwd_dkdv", "dkdv_atomic", {"ATOMIC_DQ": True}, ()),
+            ("bwd dq", "_bwd_dq", "dq", {}, ())]

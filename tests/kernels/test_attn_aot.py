@@ -12,14 +12,14 @@ _CUDA = torch.device("cuda")  # only selects the GPU table; nothing runs on a GP
 _FP32_POINTERS = {"Lse", "Delta"}
 _INT_POINTERS = {"cu_q", "cu_k", "Parent", "child_ptr", "child_seg"}
 _FLOAT_SCALARS = {"qk_scale", "sm_scale"}
-_INT_SCALARS_PREFIXES = ("stride_", "n_heads", "total_")
+_INT_SCALARS_PREFIXES = ("stride_", "n_heads", "total_", "n_blocks")
 
 
 def _aligned(kernel, constexprs):
     """What the launcher specialises at real shapes: 16-byte aligned pointers, strides that are
     multiples of 16 elements (head_dim 64/80/96/128; not the lse row stride = total tokens)."""
     return [n for n in getattr(fa, kernel).arg_names if n not in constexprs and n not in _FLOAT_SCALARS
-            and not n.startswith(("n_heads", "total_")) and n != "stride_lh"]
+            and not n.startswith(("n_heads", "total_", "n_blocks")) and n != "stride_lh"]
 
 
 def _signature(kernel, data_type, constexprs):
@@ -47,7 +47,9 @@ def _specs(data_type, head_dim, causal, has_parent):
     specs = []
     for kernel, kind in (("_attn_fwd", "fwd"), ("_bwd_dkdv", "dkdv"), ("_bwd_dq", "dq")):
         cfg = fa._config(kind, head_dim, _CUDA, dtype)
-        constexprs = dict(common, BLOCK_M=cfg.pop("BLOCK_M"), BLOCK_N=cfg.pop("BLOCK_N"))
+        constexprs = dict(common, BLOCK_M=cfg.pop("BLOCK_M"), BLOCK_N=cfg.pop("BLOCK_N"), USE_TMA=False,
+                          ATOMIC_DQ=False)
+        constexprs = {k: v for k, v in constexprs.items() if k in getattr(fa, kernel).arg_names}
         specs.append(dict(module="spell_kernels.flash_attn", kernel=kernel,
                           signature=_signature(kernel, data_type, constexprs), constexprs=constexprs,
                           divisible_by_16=_aligned(kernel, constexprs), **cfg))
