@@ -187,10 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--k {args.k!r}: expected comma-separated integers, e.g. 1,4,8")
     if args.n < 1 or not ks or ks[0] < 1 or ks[-1] > args.n:
         parser.error(f"--k {args.k} with --n {args.n}: every k must be between 1 and n")
+    from spell_core.assets import AssetError
+
     try:
         items = load_eval_data(args.data)
+        args.out = str(_results_path(args))  # checked before the model loads and the evaluation runs
         return _run(args, items, ks)
-    except (EvalDataError, ValueError) as err:
+    except (EvalDataError, ValueError, AssetError) as err:
         print(f"spell.eval: error: {err}", file=sys.stderr)
         return 1
 
@@ -216,11 +219,44 @@ def _run(args, items: list[EvalItem], ks: list[int]) -> int:
                        progress=not args.no_progress)
     scoring = "max(rule reward, verifier majority)" if args.verifier else "rule reward"
     print(f"\nscored by {scoring}, {time.perf_counter() - start:.1f} s\n" + format_table(results["summary"], ks))
-    out = Path(args.out) if args.out else Path(f"{Path(args.data).stem}.eval.json")
     results["config"] = {k: v for k, v in vars(args).items()}
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = _write_results(Path(args.out), json.dumps(results, indent=2) + "\n")
     print(f"\nresults written to {out}")
     return 0
+
+
+def _results_path(args) -> Path:
+    """--out (default <data name>.eval.json here), proven writable: not a folder, its folder writable."""
+    from spell_core.run_folder import check_writable_folder
+
+    out = Path(args.out) if args.out else Path(f"{Path(args.data).stem}.eval.json")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: pass a file name for the results, e.g. {out / 'results.json'}")
+    check_writable_folder(out.parent if str(out.parent) else Path("."), flag=f"--out {out}: folder")
+    return out
+
+
+def _write_results(out: Path, text: str) -> Path:
+    """Atomically (temporary file, fsync, rename). Should that fail, the results go to a file in the
+    temporary folder instead of being lost; the path written is returned."""
+    import os
+    import tempfile
+
+    from spell_core import durable
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        durable.write_text(tmp, text)
+        os.replace(tmp, out)
+        return out
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        fd, rescue = tempfile.mkstemp(prefix=f"{out.stem}-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        print(f"spell.eval: error: cannot write {out} ({err.strerror or err}); the results were saved to {rescue}",
+              file=sys.stderr)
+        return Path(rescue)
 
 
 if __name__ == "__main__":
