@@ -232,6 +232,9 @@ def _results_path(args) -> Path:
     out = Path(args.out) if args.out else Path(f"{Path(args.data).stem}.eval.json")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder: pass a file name for the results, e.g. {out / 'results.json'}")
+    file_above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if file_above is not None:
+        raise ValueError(f"--out {out}: {file_above} is a file, so no folder can be made under it; pick another path")
     check_writable_folder(out.parent if str(out.parent) else Path("."), flag=f"--out {out}: folder")
     return out
 
