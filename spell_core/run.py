@@ -285,6 +285,7 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
     import torch
 
     from spell_core.guards import NonFiniteUpdatesError
+    from spell_core.run_folder import holds_a_run as run_folder_has_run
     from spell_core.loop import StepAbandoned
     from spell_core.monitor import Monitor
 
@@ -314,7 +315,8 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
     start_step = 0
     if args.resume is not None:
         if args.resume == "latest" and train_state.find_latest(out) is None:
-            raise ValueError(f"--resume: no complete checkpoint in {out}; start without --resume, or pass a "
+            fresh = "--overwrite instead of --resume" if run_folder_has_run(out) else "without --resume"
+            raise ValueError(f"--resume: no complete checkpoint in {out}; start it again ({fresh}), or pass a "
                              "checkpoint folder: --resume PATH")
         if args.resume == "latest":  # a corrupt newest checkpoint: the older complete one, said so
             path, start_step, extra = train_state.load_usable(out, model, trainer.optimizer)
