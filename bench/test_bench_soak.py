@@ -1,5 +1,6 @@
-"""A short run of bench/kill_resume_soak.py, on demand (bench/ is outside the CI suite; ~1-2 min) (the full one: 20 cycles, `python bench/kill_resume_soak.py`):
-kill -9 at random moments, --resume, at most one step lost, every kept checkpoint loadable."""
+"""A short run of bench/kill_resume_soak.py (the full one: 20 cycles, `python bench/kill_resume_soak.py`):
+kill -9 at random moments, --resume, at most one step lost, every kept checkpoint loadable.
+On demand (bench/ is outside the CI suite): 1-2 minutes."""
 import pytest
 
 from bench.kill_resume_soak import soak
