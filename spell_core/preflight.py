@@ -9,6 +9,7 @@ import torch
 # YaRN is documented (Qwen) up to a factor of 4 over the native context; further it degrades
 MAX_ROPE_FACTOR = 4
 SLOW_STEP_S = 600  # warn when reading one step's prompts alone is estimated above this
+SHORT_CTX = 16 * 1024  # up to this (or the native context) no estimate is made
 
 _BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 
@@ -42,8 +43,10 @@ def checkpoint_bytes(model_folder, device: str) -> int:
 
 
 def _flops_per_second(device, dtype) -> float:
-    """Measured: a few 1024x1024 matmuls in the model's dtype (a fraction of a second)."""
-    a = torch.randn(1024, 1024, device=device, dtype=dtype)
+    """Measured: a few square matmuls in the model's dtype (a fraction of a second); large enough on
+    a GPU that launch overheads do not count."""
+    n = 4096 if torch.device(device).type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
     a @ a
     if a.is_cuda:
         torch.cuda.synchronize()
@@ -52,19 +55,22 @@ def _flops_per_second(device, dtype) -> float:
         a @ a
     if a.is_cuda:
         torch.cuda.synchronize()
-    return reps * 2 * 1024**3 / max(time.perf_counter() - start, 1e-9)
+    return reps * 2 * n**3 / max(time.perf_counter() - start, 1e-9)
 
 
 def long_context_warning(model, ctx: int, native_ctx: int, prompts_per_step: int) -> str | None:
-    """A warning when --ctx goes beyond what RoPE scaling serves (MAX_ROPE_FACTOR x native) or when
-    reading one step's prompts of ctx tokens is estimated to take longer than SLOW_STEP_S here."""
+    """A warning when --ctx goes beyond what RoPE scaling serves (MAX_ROPE_FACTOR x native) or when,
+    above the native context and SHORT_CTX, reading one step's prompts of ctx tokens is estimated to
+    take longer than SLOW_STEP_S here."""
+    too_long = ctx > MAX_ROPE_FACTOR * native_ctx
+    if not too_long and ctx <= max(native_ctx, SHORT_CTX):
+        return None  # nothing to measure: the context the model was made for
     weight = model.lm_head_weight
     n_params = sum(p.numel() for p in model.parameters())
     layers, hidden = model.config.num_hidden_layers, model.config.num_attention_heads * model.config.head_dim
     flops = 2 * n_params * ctx + 2 * layers * hidden * ctx * ctx  # weights, plus causal attention (QK and PV)
     per_prompt = flops / _flops_per_second(weight.device, weight.dtype)
     per_step = per_prompt * prompts_per_step
-    too_long = ctx > MAX_ROPE_FACTOR * native_ctx
     if not too_long and per_step < SLOW_STEP_S:
         return None
     reason = (f"--ctx {ctx:,} is {ctx / native_ctx:.0f}x the model's native context of {native_ctx:,} (RoPE "
