@@ -285,9 +285,9 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
     import torch
 
     from spell_core.guards import NonFiniteUpdatesError
-    from spell_core.run_folder import holds_a_run as run_folder_has_run
     from spell_core.loop import StepAbandoned
     from spell_core.monitor import Monitor
+    from spell_core.run_folder import holds_a_run as run_folder_has_run
 
     model, tokenizer, clusters = _load_model_and_documents(config, budget)
     out = Path(config.out)
