@@ -13,7 +13,9 @@ A checkpoint is written into a hidden temporary folder, fsync'ed, marked COMPLET
 renamed to step-NNNNNN; older checkpoints are pruned after that (the newest `keep_last` stay).
 `find_latest` trusts nothing but the marker: the highest step folder holding COMPLETE. So a
 process killed at any moment leaves the previous checkpoint loadable as the latest, and at
-worst a temporary folder that the next save removes.
+worst a temporary folder that the next save, or `tidy` at the next start, removes. A checkpoint is
+never written from NaN/Inf weights; `load` reads and checks every file before applying any, naming
+a corrupt one, and `load_usable` then falls back to the next older complete checkpoint.
 
 Any world size. A model sharded with FSDP2 (spell_core/data_parallel.py) is saved by every
 rank calling `save`: the full weights and the full, unsharded optimizer state are gathered to
