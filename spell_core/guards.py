@@ -74,16 +74,27 @@ class UpdateGuard:
         self.consecutive = 0  # rollbacks in a row
         self.all_ranks = all_ranks
         self._saved: tuple[list[torch.Tensor], dict] | None = None
+        self._buffers: dict[tuple, torch.Tensor] = {}  # CPU copies, reused from step to step
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        weights = [_local(p).detach().to("cpu", copy=True) for p in self.params]
+        weights = [self._copy(("w", i), p) for i, p in enumerate(self.params)]
         state = {}
         for i, p in enumerate(self.params):
             if p in self.optimizer.state:
-                state[i] = {k: _local(v).detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+                state[i] = {k: self._copy(("s", i, k), v) if torch.is_tensor(v) else v
                             for k, v in self.optimizer.state[p].items()}
         self._saved = (weights, state)
+
+    def _copy(self, key: tuple, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU copy (pinned and asynchronous from a GPU: later kernels on the stream wait for it)."""
+        src = _local(tensor).detach()
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+            buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=src.is_cuda)
+            self._buffers[key] = buf
+        buf.copy_(src, non_blocking=src.is_cuda)
+        return buf
 
     @torch.no_grad()
     def check(self) -> bool:
@@ -109,7 +120,7 @@ class UpdateGuard:
             raise RuntimeError("UpdateGuard.check without a snapshot before the optimizer step")
         weights, state = self._saved
         for p, saved in zip(self.params, weights):
-            _local(p).copy_(saved)
+            _local(p).copy_(saved)  # an ordered copy back: the buffer is only reused at the next snapshot
         for i, p in enumerate(self.params):
             if i not in state:
                 self.optimizer.state.pop(p, None)  # the step created it: as if it never ran
@@ -119,4 +130,4 @@ class UpdateGuard:
                 if torch.is_tensor(v) and torch.is_tensor(live.get(k)):
                     _local(live[k]).copy_(v)
                 else:
-                    live[k] = v
+                    live[k] = v.clone() if torch.is_tensor(v) else v  # never the reused buffer itself
