@@ -393,8 +393,19 @@ def _prune(out_dir, root: Path, keep_last: int, just_written: Path) -> None:
     complete = list_checkpoints(out_dir)
     for _, path in complete[:-keep_last]:
         if path != just_written:
-            shutil.rmtree(path, ignore_errors=True)
+            _discard(path)
     remove_leftovers(out_dir)
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint folder so that a kill midway never leaves a half-deleted folder that still
+    looks complete: renamed to a hidden leftover name first (one atomic step), then removed."""
+    old = durable.temporary_sibling(path, "old")
+    try:
+        os.replace(path, old)
+    except OSError:
+        return
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_leftovers(out_dir) -> list[str]:
@@ -422,7 +433,7 @@ def tidy(out_dir, keep_last: int = 2, keep: Path | None = None) -> list[str]:
     complete = list_checkpoints(out_dir)
     for _, path in complete[:-keep_last]:
         if keep is None or path.resolve() != Path(keep).resolve():
-            shutil.rmtree(path, ignore_errors=True)
+            _discard(path)
             done.append(f"pruned {path.name} (only the newest {keep_last} are kept)")
     if complete:
         root = Path(out_dir) / CHECKPOINTS

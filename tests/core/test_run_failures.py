@@ -174,3 +174,27 @@ def test_a_model_folder_without_tokenizer_files_names_them(assets, tmp_path, cap
     err = capsys.readouterr().err
     assert (f"spell: error: {folder} has no tokenizer: none of tokenizer.json, tokenizer.model, vocab.json + "
             "merges.txt, vocab.txt is there") in err and "sentencepiece" not in err
+
+
+def test_a_kill_while_pruning_never_leaves_a_half_deleted_checkpoint_that_looks_complete(assets, tmp_path,
+                                                                                         monkeypatch):
+    from spell_core.model import load_pretrained
+
+    model, tokenizer = load_pretrained(assets[0])
+    for step in (1, 2):
+        train_state.save(tmp_path, step, model, tokenizer, None)
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):  # the process dies after the first file is gone
+        (sorted(p for p in path.iterdir() if p.name != train_state.COMPLETE)[0]).unlink()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_state.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train_state.save(tmp_path, 3, model, tokenizer, None)  # written, then step 1 pruned: killed there
+    monkeypatch.setattr(train_state.shutil, "rmtree", real_rmtree)
+    kept = train_state.list_checkpoints(tmp_path)
+    assert [step for step, _ in kept] == [2, 3]
+    for _, folder in kept:
+        assert train_state.load(folder, load_pretrained(assets[0])[0])[0] in (2, 3)
+    assert train_state.tidy(tmp_path)[0].startswith("removed .step-000001.old-")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-000002", "step-000003"]
