@@ -111,10 +111,11 @@ def archive(out: Path) -> Path:
 
 
 def config_differences(stored: dict, given: dict) -> dict[str, tuple]:
-    """Flattened key -> (stored, given) for every differing value, keys in FREE_TO_CHANGE left out."""
+    """Flattened key -> (stored, given) for every differing value, keys in FREE_TO_CHANGE left out, and
+    keys only one side has (options added or removed by another version of spell) too."""
     a, b = dict(_flatten(stored)), dict(_flatten(given))
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if k not in FREE_TO_CHANGE and not _same(k, a.get(k), b.get(k))}
+    return {k: (a[k], b[k]) for k in sorted(set(a) & set(b))
+            if k not in FREE_TO_CHANGE and not _same(k, a[k], b[k])}
 
 
 def check_resume_config(out: Path, given: dict, allow_change: bool, report=print) -> None:

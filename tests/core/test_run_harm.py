@@ -146,3 +146,13 @@ def test_a_model_folder_with_nan_weights_is_refused_naming_the_tensor(assets, tm
         load_pretrained(folder)
     assert main(argv((folder, assets[1]), tmp_path / "run", "--steps", "1")) == 1
     assert "model.layers.0.self_attn.k_proj.weight (in model.safetensors) hold NaN/Inf" in capsys.readouterr().err
+
+
+def test_config_differences_ignore_free_keys_and_options_of_other_versions():
+    from spell_core.run_folder import config_differences
+
+    stored = {"model": {"name": "m"}, "steps": 3, "save_every": 1, "out": "a", "data": {"ctx": 2048},
+              "trainer": {"betas": [0.9, 0.999], "old_knob": 1}}
+    given = {"model": {"name": "m"}, "steps": 9, "save_every": 5, "out": "b", "data": {"ctx": 4096},
+             "trainer": {"betas": (0.9, 0.999), "max_rollbacks": 3}}
+    assert config_differences(stored, given) == {"data.ctx": (2048, 4096)}
