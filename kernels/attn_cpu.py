@@ -97,6 +97,10 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, p
         if merged is not None:
             out[q0:q1] = merged[0]
             lse[:, q0:q1] = merged[1]
+    nan_rows = q.isnan().any(-1)  # (T, H): PyTorch's CPU op returns a zero row for a NaN query; SDPA gives NaN
+    if nan_rows.any():
+        out[nan_rows] = math.nan
+        lse[nan_rows.T] = math.nan
     return out, lse  # fp32, fp64 for fp64 inputs
 
 

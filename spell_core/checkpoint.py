@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from spell_core import durable
+from spell_core import durable, guards
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -117,6 +117,10 @@ def load_tensors(folder, expected: dict[str, torch.Size], device="cpu", dtype: t
         except Exception as err:
             raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {err}; "
                                   "re-download or re-save it") from err
+    bad = guards.non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"{folder}: tensor(s) {guards.describe(bad)} (in {files[bad[0]].name}) hold NaN/Inf "
+                              "values: the weights are corrupt or come from a diverged run; use another checkpoint")
     return tensors
 
 

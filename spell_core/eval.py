@@ -269,11 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         args.max_new_tokens = 20480 if args.enable_thinking else 4096
     if args.judge_model and args.verifier:
         parser.error("--judge-model and --verifier are two ways of grading: pick one")
+    from spell_core.assets import AssetError
+
     try:
         budget = parse_budget(args.ctx) if args.ctx is not None else None
         items = load_eval_data(args.data, args.format)
+        args.out = str(_results_path(args))  # checked before the model loads and the evaluation runs
         return _run(args, items, ks, budget)
-    except (EvalDataError, ValueError) as err:
+    except (EvalDataError, ValueError, AssetError) as err:
         print(f"spell.eval: error: {err}", file=sys.stderr)
         return 1
 
@@ -323,11 +326,47 @@ def _evaluate_and_report(args, items: list[EvalItem], ks: list[int], budget: int
     print(f"scored by {results['scoring']}\n" + format_table(results["summary"], ks))
     if len(results["sources"]) > 2:
         print("\n" + format_table(results["sources"], ks, "source"))
-    out = Path(args.out) if args.out else Path(f"{Path(args.data).stem}.eval.json")
     results["config"] = {k: v for k, v in vars(args).items()}
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = _write_results(Path(args.out), json.dumps(results, indent=2) + "\n")
     print(f"\nresults written to {out}")
     return 0
+
+
+def _results_path(args) -> Path:
+    """--out (default <data name>.eval.json here), proven writable: not a folder, its folder writable."""
+    from spell_core.run_folder import check_writable_folder
+
+    out = Path(args.out) if args.out else Path(f"{Path(args.data).stem}.eval.json")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: pass a file name for the results, e.g. {out / 'results.json'}")
+    file_above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if file_above is not None:
+        raise ValueError(f"--out {out}: {file_above} is a file, so no folder can be made under it; pick another path")
+    check_writable_folder(out.parent if str(out.parent) else Path("."), flag=f"--out {out}: folder")
+    return out
+
+
+def _write_results(out: Path, text: str) -> Path:
+    """Atomically (temporary file, fsync, rename). Should that fail, the results go to a file in the
+    temporary folder instead of being lost; the path written is returned."""
+    import os
+    import tempfile
+
+    from spell_core import durable
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        durable.write_text(tmp, text)
+        os.replace(tmp, out)
+        return out
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        fd, rescue = tempfile.mkstemp(prefix=f"{out.stem}-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        print(f"spell.eval: error: cannot write {out} ({err.strerror or err}); the results were saved to {rescue}",
+              file=sys.stderr)
+        return Path(rescue)
 
 
 if __name__ == "__main__":

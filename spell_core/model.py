@@ -304,8 +304,22 @@ def load_pretrained(path_or_alias, dtype: torch.dtype | None = None, device=None
     ignore = _IGNORED_TENSORS + ((r"^lm_head\.weight$",) if config.tie_word_embeddings else ())
     state = ckpt.load_tensors(folder, expected, device=device, dtype=dtype, ignore=ignore)
     model.load_state_dict(state, strict=True, assign=True)
+    _check_tokenizer_files(Path(folder))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
+
+
+# any one of these sets is a tokenizer transformers can load without extra packages or downloads
+_TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    if any(all((folder / name).is_file() for name in names) for names in _TOKENIZER_FILES):
+        return
+    raise ckpt.CheckpointError(
+        f"{folder} has no tokenizer: none of tokenizer.json, tokenizer.model, vocab.json + merges.txt, vocab.txt "
+        "is there; copy the tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json) "
+        "from the model it was trained from into this folder")
 
 
 def save_pretrained(model: CausalLM, tokenizer, path, max_shard_bytes: int = ckpt.DEFAULT_MAX_SHARD_BYTES) -> Path:

@@ -68,14 +68,13 @@ class Monitor:
         self.history: list[dict] = []
         path = self.out / METRICS_FILE
         if resume_step is not None and path.exists():
-            kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            kept = _read_records(path, self.stream)
             self.history = [m for m in kept if m.get("step", 0) <= resume_step]
             _write_atomic(path, "".join(json.dumps(m) + "\n" for m in self.history))
             questions = self.out / QUESTIONS_FILE
             if questions.exists():
-                kept = [line for line in questions.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-                _write_atomic(questions, "".join(line + "\n" for line in kept))
+                kept = [q for q in _read_records(questions, self.stream) if q.get("step", 0) <= resume_step]
+                _write_atomic(questions, "".join(json.dumps(q) + "\n" for q in kept))
         elif resume_step is None:
             for name in (METRICS_FILE, QUESTIONS_FILE):  # a fresh run in an old folder starts fresh logs
                 (self.out / name).unlink(missing_ok=True)
@@ -278,3 +277,23 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _read_records(path: Path, stream) -> list[dict]:
+    """The JSON lines of a log being resumed. A last line cut short by a kill is dropped (and said);
+    a bad line elsewhere is an error naming file and line."""
+    lines = path.read_text().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if all(not rest.strip() for rest in lines[number:]):
+                print(f"spell: {path}: dropped its last line, cut short by an interrupted write ({err}); that "
+                      "step's record is rewritten when the step is redone", file=stream)
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON line ({err}); fix or delete that line, then "
+                             "--resume again") from err
+    return records

@@ -73,18 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default: {both('kept_groups')})")
     parser.add_argument("--max-rounds", type=_count(1), default=None,
                         help=f"* cap on generation rounds per step (default: {both('max_rounds')})")
-    parser.add_argument("--group-size", type=_count(1), default=None,
+    parser.add_argument("--group-size", type=_count(2, "with one sample per question rewards cannot vary, so "
+                                                    "nothing ever trains"), default=None,
                         help=f"* G: responder samples per question and verifier judgments per answer "
                              f"(default: {both('group_size')})")
     parser.add_argument("--max-new-tokens", type=_count(1), default=None,
                         help=f"* longest response of every role, in tokens (default: {both('max_new_tokens')})")
-    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (default: 2e-6)")
+    parser.add_argument("--lr", type=_learning_rate, default=None, help="AdamW learning rate, constant (default: 2e-6)")
     parser.add_argument("--micro-batch-tokens", type=_count(1), default=None,
                         help=f"* packed tokens per forward/backward pass (default: {both('micro_batch_tokens')})")
     parser.add_argument("--save-every", type=_count(1), default=None,
                         help=f"* checkpoint every this many steps, and always at exit (default: {both('save_every')})")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                         help="continue from the latest complete checkpoint in --out, or from the checkpoint PATH")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an --out that holds one: the old run is moved aside whole "
+                             "(OUT.replaced-DATE-TIME)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="--resume with options that differ from the stored run's config.json (listed)")
     parser.add_argument("--kv-budget-tokens", type=_count(1), default=None,
                         help="sampler KV cache size in tokens; prompts beyond it run in waves "
                              "(default: everything at once on a CPU, half the free memory on a GPU)")
@@ -152,16 +158,28 @@ def _ctx_argument(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _count(minimum: int):
+def _count(minimum: int, why: str = ""):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}" + (f": {why}" if why else ""))
         return value
     return parse
+
+
+def _learning_rate(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
 
 
 def _device_argument(text: str) -> str:
@@ -252,13 +270,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spell: no GPU: reduced CPU defaults for {', '.join(args.reduced)} so that a step finishes in "
               f"minutes; the GPU defaults (SPEC.md's scale) are {spec}")
     try:
-        return _run(config, args, train_options, budget)
+        with _own_run_folder(config, args, train_options):
+            return _run(config, args, train_options, budget)
     except (AssetError, CorpusError, ValueError) as err:  # bad model, corpus, checkpoint or option: no traceback
         print(f"spell: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the run loop started
         print("\nspell: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
         return 130
+
+
+def _own_run_folder(config: RunConfig, args, train_options):
+    """--out checked, locked and claimed for this run before the model loads (spell_core/run_folder.py);
+    only rank 0 of a torchrun job does it."""
+    import contextlib
+    import os
+
+    from spell_core import preflight, run_folder
+    from spell_core.assets import resolve_model
+
+    if os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    model_folder = resolve_model(config.model.name)  # a missing model is named first
+    claimed = run_folder.claim(config.out, {**config.to_dict(), "trainer": asdict(train_options)},
+                               resume=args.resume is not None, overwrite=args.overwrite,
+                               allow_config_change=args.allow_config_change)
+    stack = contextlib.ExitStack()
+    out = stack.enter_context(claimed)
+    try:
+        needed = preflight.checkpoint_bytes(model_folder, config.model.device)
+        run_folder.check_free_space(out, needed, "a checkpoint (weights and optimizer state)")
+    except BaseException:
+        stack.close()
+        raise
+    return stack
 
 
 def _spec_value(key: str) -> str:
@@ -298,6 +343,7 @@ def _train_on_ranks(config: RunConfig, args, train_options, budget: int) -> int:
 
 def _train(config: RunConfig, args, train_options, budget: int, topology=None) -> int:
     from spell_core.monitor import Monitor
+    from spell_core.run_folder import holds_a_run as run_folder_has_run
     from spell_core.validation import Validation
 
     validation = Validation.from_args(args, config)  # None without --eval-data
@@ -326,13 +372,20 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
     play = self_play_for_rank(model, tokenizer, clusters, config, topology, should_stop=stop.is_set)
     start_step = 0
     if args.resume is not None:
-        path = train_state.find_latest(out) if args.resume == "latest" else Path(args.resume)
-        if path is None:
-            raise ValueError(f"--resume: no complete checkpoint in {out}; start without --resume, or pass a "
+        if args.resume == "latest" and train_state.find_latest(out) is None:
+            fresh = "--overwrite instead of --resume" if run_folder_has_run(out) else "without --resume"
+            raise ValueError(f"--resume: no complete checkpoint in {out}; start it again ({fresh}), or pass a "
                              "checkpoint folder: --resume PATH")
-        start_step, extra = train_state.load(path, model, trainer.optimizer)
+        if args.resume == "latest":  # a corrupt newest checkpoint: the older complete one, said so
+            path, start_step, extra = train_state.load_usable(out, model, trainer.optimizer)
+        else:
+            path = Path(args.resume)
+            start_step, extra = train_state.load(path, model, trainer.optimizer)
         play.load_state_dict(extra["self_play"])
         print(f"resumed     from {path} at step {start_step}")
+        if topology.is_main:
+            for line in train_state.tidy(out, keep=path):
+                print(f"checkpoints {line}")
     monitor = Monitor(out if topology.is_main else out / "ranks" / f"rank{topology.rank}", config.steps,
                       bars=not args.no_progress and topology.is_main,
                       resume_step=start_step if args.resume is not None else None,
@@ -354,6 +407,7 @@ def _steps(config: RunConfig, args, out: Path, start_step: int, model, tokenizer
 
     from spell_core import train_state
     from spell_core.data_parallel import agreed
+    from spell_core.guards import NonFiniteUpdatesError
     from spell_core.loop import StepAbandoned
 
     saved_step = start_step if args.resume is not None else None
@@ -367,9 +421,10 @@ def _steps(config: RunConfig, args, out: Path, start_step: int, model, tokenizer
             except StepAbandoned:
                 play.load_state_dict(snapshot)  # as it was after the last completed step
                 break
-            except torch.cuda.OutOfMemoryError as err:
-                play.load_state_dict(snapshot)  # the update never ran: weights are those of the last step
-                print(f"spell: error: {err}\n{OOM_ADVICE}", file=sys.stderr)
+            except (torch.cuda.OutOfMemoryError, NonFiniteUpdatesError) as err:
+                play.load_state_dict(snapshot)  # the update never ran or was rolled back: the last step's weights
+                advice = f"\n{OOM_ADVICE}" if isinstance(err, torch.cuda.OutOfMemoryError) else ""
+                print(f"spell: error: {err}{advice}", file=sys.stderr)
                 exit_code = 1
                 break
             step += 1
@@ -498,6 +553,10 @@ def _load_model_and_documents(config: RunConfig, budget: int):
               f"RoPE scaling applied, {rope['rope_type']} factor {rope['factor']:.2f}")
     else:
         print(f"native ctx  {native_ctx:,} tokens (holds --ctx {config.data.ctx:,} + prompt + response = {needed:,})")
+    from spell_core.preflight import long_context_warning
+    warning = long_context_warning(model, config.data.ctx, native_ctx, 2 * config.loop.questions)
+    if warning:
+        print(warning, file=sys.stderr)
 
     start = time.perf_counter()
     corpus_path = config.data.corpus if isinstance(config.data.corpus, str) else ", ".join(config.data.corpus)

@@ -13,7 +13,9 @@ A checkpoint is written into a hidden temporary folder, fsync'ed, marked COMPLET
 renamed to step-NNNNNN; older checkpoints are pruned after that (the newest `keep_last` stay).
 `find_latest` trusts nothing but the marker: the highest step folder holding COMPLETE. So a
 process killed at any moment leaves the previous checkpoint loadable as the latest, and at
-worst a temporary folder that the next save removes.
+worst a temporary folder that the next save, or `tidy` at the next start, removes. A checkpoint is
+never written from NaN/Inf weights; `load` reads and checks every file before applying any, naming
+a corrupt one, and `load_usable` then falls back to the next older complete checkpoint.
 
 Any world size. A model sharded with FSDP2 (spell_core/data_parallel.py) is saved by every
 rank calling `save`: the full weights and the full, unsharded optimizer state are gathered to
@@ -38,7 +40,7 @@ from spell_core import checkpoint as ckpt
 from spell_core import durable
 from spell_core.model import CausalLM, save_pretrained
 
-__all__ = ["save", "load", "find_latest", "list_checkpoints", "checkpoint_dir", "CHECKPOINTS", "COMPLETE"]
+__all__ = ["save", "load", "load_usable", "tidy", "find_latest", "list_checkpoints", "checkpoint_dir", "CHECKPOINTS", "COMPLETE"]
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -91,12 +93,17 @@ def save(out_dir, step: int, model: CausalLM, tokenizer, optimizer: torch.optim.
                         "convert objects first (e.g. to_dict())") from err
     if _is_sharded(model):
         return _save_from_ranks(out_dir, step, model, tokenizer, optimizer, state_text, generators, keep_last)
+    _refuse_non_finite(model.state_dict(), step)
     return _write(out_dir, step, lambda folder: save_pretrained(model, tokenizer, folder),
-                  None if optimizer is None else optimizer.state_dict(), state_text, generators, keep_last)
+                  None if optimizer is None else optimizer.state_dict(), state_text, generators, keep_last,
+                  tensor_bytes(model.state_dict()))
 
 
 def _write(out_dir, step: int, write_model, optimizer_state: dict | None, state_text: str,
-           generators: dict[str, torch.Generator] | None, keep_last: int) -> Path:
+           generators: dict[str, torch.Generator] | None, keep_last: int, size_hint: int = 0) -> Path:
+    """size_hint: bytes of the model's tensors (with the optimizer state, added here), for the message
+    when the disk fills up."""
+    size_hint += tensor_bytes(optimizer_state)
     root = Path(out_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(out_dir, step)
@@ -110,8 +117,11 @@ def _write(out_dir, step: int, write_model, optimizer_state: dict | None, state_
         durable.write_text(tmp / COMPLETE, f"step {step}\n")
         durable.fsync(tmp)
         durable.replace_folder(tmp, final)  # the same step saved again: the old folder goes once tmp is in place
-    except BaseException:
+    except BaseException as err:
+        written = _folder_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and _is_disk_full(err):
+            raise ckpt.CheckpointError(_disk_full_message(out_dir, step, written, size_hint)) from err
         raise
     durable.fsync(root)
     _point_latest(root, final.name)
@@ -127,19 +137,63 @@ def load(path, model: CausalLM, optimizer: torch.optim.Optimizer | None = None, 
     if _is_sharded(model):
         return _load_into_ranks(path, model, optimizer, generators, restore_rng)
     folder = _resolve(Path(path))
+    # every file is read (and checked) before anything is applied: a corrupt file leaves the model as it was
     expected = {name: t.shape for name, t in model.state_dict().items()}
     tensors = ckpt.load_tensors(folder, expected)
-    model.load_state_dict(tensors, strict=True)  # copies, casting to each parameter's dtype and device
+    optimizer_state = None
     if optimizer is not None:
-        device = next(model.parameters()).device
-        state = _read_optimizer(folder, device)
-        if _keyed_by_name(state):  # saved by several ranks
-            state = _by_index(state, _trainable_names(model), optimizer)
-        optimizer.load_state_dict(state)
+        optimizer_state = _read_optimizer(folder, next(model.parameters()).device)
+        if _keyed_by_name(optimizer_state):  # saved by several ranks
+            optimizer_state = _by_index(optimizer_state, _trainable_names(model), optimizer)
+    rng = _read(folder / RNG, lambda f: torch.load(f, weights_only=True)) if restore_rng else None
+    state = _read_state(folder)
+    model.load_state_dict(tensors, strict=True)  # copies, casting to each parameter's dtype and device
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     if restore_rng:
-        _set_rng_state(torch.load(folder / RNG, weights_only=True), generators or {}, folder)
-    state = json.loads((folder / STATE).read_text())
+        _set_rng_state(rng, generators or {}, folder)
     return int(state["step"]), state.get("extra", {})
+
+
+def load_usable(out_dir, model: CausalLM, optimizer: torch.optim.Optimizer | None = None,
+                report=print, **kwargs) -> tuple[Path, int, dict]:
+    """`load` from the newest complete checkpoint of a run that reads back whole; a newer one with a
+    corrupt or truncated file is reported (file named) and the next older one tried.
+    Returns (folder, step, extra)."""
+    found = list_checkpoints(out_dir)
+    if not found:
+        raise ckpt.CheckpointError(f"no complete checkpoint under {Path(out_dir) / CHECKPOINTS}")
+    problems = []
+    for _, folder in reversed(found):
+        try:
+            step, extra = load(folder, model, optimizer, **kwargs)
+        except ckpt.CheckpointError as err:
+            problems.append(str(err))
+            report(f"spell: checkpoint {folder.name} is unusable: {err}")
+            continue
+        if problems:
+            report(f"spell: falling back to the older complete checkpoint {folder}")
+        return folder, step, extra
+    raise ckpt.CheckpointError(f"no usable checkpoint under {Path(out_dir) / CHECKPOINTS}: every one has a corrupt "
+                               f"file ({'; '.join(problems)})")
+
+
+def _read(path: Path, reader):
+    """reader(path), any failure a CheckpointError naming the file."""
+    if not path.is_file():
+        raise ckpt.CheckpointError(f"{path} is missing: the checkpoint is incomplete; use an older one")
+    try:
+        return reader(path)
+    except Exception as err:  # torch.load / pickle / json / OS errors of a truncated or corrupt file
+        raise ckpt.CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__}: {err}); "
+                                   "use an older checkpoint") from err
+
+
+def _read_state(folder: Path) -> dict:
+    state = _read(folder / STATE, lambda f: json.loads(f.read_text()))
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ckpt.CheckpointError(f"{folder / STATE} is corrupt: no integer 'step'; use an older checkpoint")
+    return state
 
 
 # --- several ranks (FSDP2) ---------------------------------------------------------------------
@@ -162,10 +216,11 @@ def _save_from_ranks(out_dir, step, model, tokenizer, optimizer, state_text, gen
     outcome: list = [None]
     if dist.get_rank() == 0:
         try:
+            _refuse_non_finite(tensors, step)
             config = model.config.to_hf(dtype=next(iter(tensors.values())).dtype)
             write_tokenizer = (lambda folder: tokenizer.save_pretrained(folder)) if tokenizer is not None else None
             folder = _write(out_dir, step, lambda f: ckpt.save_checkpoint(f, config, tensors, write_extra=write_tokenizer),
-                            optimizer_state, state_text, generators, keep_last)
+                            optimizer_state, state_text, generators, keep_last, tensor_bytes(tensors))
             outcome = [("saved", str(folder))]
         except Exception as err:
             dist.broadcast_object_list([("failed", f"{type(err).__name__}: {err}")], src=0)
@@ -193,8 +248,8 @@ def _load_into_ranks(path, model, optimizer, generators, restore_rng) -> tuple[i
                 optimizer_state = _read_optimizer(folder, "cpu")
                 if not _keyed_by_name(optimizer_state):  # saved by one process
                     optimizer_state = _by_name(optimizer_state, _trainable_names(model))
-            rng = torch.load(folder / RNG, weights_only=True) if restore_rng else None
-            header = [("read", str(folder), json.loads((folder / STATE).read_text()), rng)]
+            rng = _read(folder / RNG, lambda f: torch.load(f, weights_only=True)) if restore_rng else None
+            header = [("read", str(folder), _read_state(folder), rng)]
         except Exception as err:
             dist.broadcast_object_list([("failed", f"{type(err).__name__}: {err}")], src=0)
             raise
@@ -214,9 +269,19 @@ def _load_into_ranks(path, model, optimizer, generators, restore_rng) -> tuple[i
 # --- optimizer state, by parameter index or by name ----------------------------------------------
 
 def _read_optimizer(folder: Path, device) -> dict:
+    from spell_core import guards
+
     if not (folder / OPTIMIZER).is_file():
         raise ckpt.CheckpointError(f"{folder} has no {OPTIMIZER}: it was saved without an optimizer")
-    return torch.load(folder / OPTIMIZER, map_location=device, weights_only=True)
+    state = _read(folder / OPTIMIZER, lambda f: torch.load(f, map_location=device, weights_only=True))
+    if not isinstance(state, dict) or "state" not in state or "param_groups" not in state:
+        raise ckpt.CheckpointError(f"{folder / OPTIMIZER} is not an optimizer state (corrupt?); use an older checkpoint")
+    bad = guards.non_finite([(f"{k}.{n}", v) for k, s in state["state"].items() for n, v in s.items()
+                             if torch.is_tensor(v)])
+    if bad:
+        raise ckpt.CheckpointError(f"{folder / OPTIMIZER}: optimizer state {guards.describe(bad)} holds NaN/Inf "
+                                   "values; use an older checkpoint")
+    return state
 
 
 def _trainable_names(model) -> list[str]:
@@ -328,7 +393,99 @@ def _prune(out_dir, root: Path, keep_last: int, just_written: Path) -> None:
     complete = list_checkpoints(out_dir)
     for _, path in complete[:-keep_last]:
         if path != just_written:
-            shutil.rmtree(path, ignore_errors=True)
+            _discard(path)
+    remove_leftovers(out_dir)
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint folder so that a kill midway never leaves a half-deleted folder that still
+    looks complete: renamed to a hidden leftover name first (one atomic step), then removed."""
+    old = durable.temporary_sibling(path, "old")
+    try:
+        os.replace(path, old)
+    except OSError:
+        return
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers(out_dir) -> list[str]:
+    """Delete the hidden folders (and the `latest` link's temporary) that killed saves left in
+    out_dir/checkpoints; returns their names."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    removed = []
     for path in root.iterdir():
-        if _LEFTOVER.match(path.name):
-            shutil.rmtree(path, ignore_errors=True)
+        if _LEFTOVER.match(path.name) or path.name.startswith(f".{LATEST}.tmp-"):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def tidy(out_dir, keep_last: int = 2, keep: Path | None = None) -> list[str]:
+    """At the start of a resumed run: finish what a kill interrupted. Leftover temporary folders are
+    removed, checkpoints beyond the newest keep_last pruned (never `keep`, the one resumed from) and
+    `latest` pointed at the newest. Returns a line per thing done."""
+    done = [f"removed {name} (left by an interrupted save)" for name in remove_leftovers(out_dir)]
+    complete = list_checkpoints(out_dir)
+    for _, path in complete[:-keep_last]:
+        if keep is None or path.resolve() != Path(keep).resolve():
+            _discard(path)
+            done.append(f"pruned {path.name} (only the newest {keep_last} are kept)")
+    if complete:
+        root = Path(out_dir) / CHECKPOINTS
+        link = root / LATEST
+        if not link.is_symlink() or os.readlink(link) != complete[-1][1].name:
+            _point_latest(root, complete[-1][1].name)
+    return done
+
+
+# --- guards: non-finite weights, a full disk --------------------------------------------------------
+
+def _refuse_non_finite(tensors: dict, step: int) -> None:
+    from spell_core import guards
+
+    bad = guards.non_finite(tensors)
+    if bad:
+        raise ckpt.CheckpointError(f"checkpoint step {step} not written: tensor(s) {guards.describe(bad)} hold NaN/Inf "
+                                   "values (the older checkpoints are kept as they are)")
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a (nested) dict / list / tuple."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _folder_bytes(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _is_disk_full(err: Exception) -> bool:
+    """ENOSPC / EDQUOT, also as safetensors reports them (its own error type, the OS error in the text)."""
+    import errno
+
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left" in text or "StorageFull" in text or "os error 28" in text or "Disk quota" in text
+
+
+def _disk_full_message(out_dir, step: int, written: int, size_hint: int) -> str:
+    free = shutil.disk_usage(Path(out_dir)).free
+    previous = list_checkpoints(out_dir)
+    kept = f"the previous checkpoint ({previous[-1][1].name}) is intact" if previous else "no earlier checkpoint exists"
+    needed = max(size_hint, written)
+    return (f"the disk of {out_dir} is full: checkpoint step {step} needs about {needed / 2**30:.2f} GiB, "
+            f"{free / 2**30:.2f} GiB are free. The partial save was removed and {kept}; free some space, then "
+            "continue with --resume")

@@ -18,7 +18,8 @@ response of the group (gathering it k times makes autograd sum its k gradients).
 One step = gradient accumulation over the micro-batches with `global_count` = every
 response token of the step (the token-mean is over all roles' tokens together, exact
 across micro-batches), global L2 gradient clipping, AdamW. A non-finite loss or gradient
-skips the update (reported in the metrics). CUDA runs the decoder under bf16 autocast (the
+skips the update, an update that leaves a weight non-finite is rolled back (spell_core/guards.py;
+both reported in the metrics). CUDA runs the decoder under bf16 autocast (the
 log-probs in the LM head's dtype); CPU runs in the model's dtype.
 
 Many ranks (`Trainer(model, options, topology)`, see spell_core/distributed.py): the model is
@@ -65,6 +66,8 @@ class TrainerOptions:
     shared_prefix: bool = True  # False: every trajectory its own [prompt + resp] (the slow baseline)
     entropy: bool = False  # also report the mean entropy of the trained tokens
     bf16_autocast: bool | None = None  # run the decoder under bf16 autocast; None: on CUDA only
+    # roll back an update that leaves a weight NaN/Inf (spell_core/guards.py); stop after this many in a row
+    max_rollbacks: int | None = 3  # None: no check (no CPU copy of the weights and optimizer state per step)
 
 
 class TrainingOutOfMemoryError(torch.cuda.OutOfMemoryError):
@@ -224,6 +227,14 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=options.lr, betas=tuple(options.betas), eps=options.eps,
                                            weight_decay=options.weight_decay, fused=True if on_cuda else None)
         self.device = self.params[0].device
+        self.guard = None
+        if options.max_rollbacks is not None:
+            from spell_core.guards import UpdateGuard
+            every_rank = None
+            if self._distributed:
+                from spell_core.data_parallel import all_reduce_sum
+                every_rank = lambda ok: all_reduce_sum(0.0 if ok else 1.0, topology) == 0  # noqa: E731
+            self.guard = UpdateGuard(self.params, self.optimizer, options.max_rollbacks, every_rank)
         autocast = options.bf16_autocast
         self.autocast = self.device.type == "cuda" if autocast is None else bool(autocast)
         # attention's share of a micro-batch's cost, for balancing (see spell_kernels.packing)
@@ -244,7 +255,13 @@ class Trainer:
             else:
                 if self.options.grad_clip:
                     torch.nn.utils.clip_grads_with_norm_(self.params, self.options.grad_clip, norm)
+                if self.guard is not None:
+                    self.guard.snapshot()
                 self.optimizer.step()
+                if self.guard is not None and not self.guard.check():  # raises after max_rollbacks in a row
+                    metrics.update(skipped=True, rolled_back=True,
+                                   skip_reason="non-finite weights after the update (NaN/Inf): rolled back to "
+                                               "the weights and optimizer state before it")
         self.optimizer.zero_grad(set_to_none=True)
         metrics.setdefault("grad_norm", None)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
