@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spell: no GPU: reduced CPU defaults for {', '.join(args.reduced)} so that a step finishes in "
               f"minutes; the GPU defaults (SPEC.md's scale) are {spec}")
     try:
+        from spell_core.validation import Validation
+
+        args.validation = Validation.from_args(args, config)  # None without --eval-data; a bad file stops here
         with _own_run_folder(config, args, train_options):
             return _run(config, args, train_options, budget)
     except (AssetError, CorpusError, ValueError) as err:  # bad model, corpus, checkpoint or option: no traceback
@@ -344,9 +347,7 @@ def _train_on_ranks(config: RunConfig, args, train_options, budget: int) -> int:
 def _train(config: RunConfig, args, train_options, budget: int, topology=None) -> int:
     from spell_core.monitor import Monitor
     from spell_core.run_folder import holds_a_run as run_folder_has_run
-    from spell_core.validation import Validation
-
-    validation = Validation.from_args(args, config)  # None without --eval-data
+    validation = args.validation
     model, tokenizer, clusters = _load_model_and_documents(config, budget)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -63,8 +63,9 @@ def test_resume_refuses_another_model_or_corpus_and_lists_other_changes(assets, 
     assert "data.ctx: 2048 -> 3072" in err and "--allow-config-change" in err
     assert (out / "config.json").read_text() == stored  # the stored config is not overwritten by a refused run
     assert main(argv(assets, out, "--steps", "2", "--resume", "--ctx", "3k", "--allow-config-change")) == 0
-    assert "resuming with changed options (--allow-config-change): cluster_budget: 960 -> 1984; data.ctx: " \
-           "2048 -> 3072" in capsys.readouterr().out
+    # --ctx is the document budget; the context needed adds the prompt room (1024) and the response (64)
+    assert "resuming with changed options (--allow-config-change): cluster_budget: 2048 -> 3072; context_needed: " \
+           "3136 -> 4160; data.ctx: 2048 -> 3072" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["data"]["ctx"] == 3072
 
 
