@@ -258,8 +258,8 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
     from spell_core import train_state
     from spell_core.trainer import Trainer
 
-    from spell_core.data_parallel import agreed, self_play_for_rank
-    from spell_core.distributed import Topology
+    from spell_core.data_parallel import self_play_for_rank
+    from spell_core.distributed import Topology, agreed
 
     topology = topology or Topology()
     trainer = Trainer(model, train_options, topology)

@@ -15,7 +15,7 @@ renamed to step-NNNNNN; older checkpoints are pruned after that (the newest `kee
 process killed at any moment leaves the previous checkpoint loadable as the latest, and at
 worst a temporary folder that the next save removes.
 
-Any world size. A model sharded with FSDP2 (spell_core/data_parallel.py) is saved by every
+Any world size. A model sharded with FSDP2 (spell_core/sharded_training.py) is saved by every
 rank calling `save`: the full weights and the full, unsharded optimizer state are gathered to
 rank 0 (torch.distributed.checkpoint.state_dict, full_state_dict + cpu_offload), which writes
 the same files as a single process; the random states are rank 0's. `load` on a sharded model
