@@ -242,6 +242,9 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
     from spell_core.loop import StepAbandoned
     from spell_core.monitor import Monitor
 
+    if str(config.model.device).startswith("cuda"):  # stop now, not with an out-of-memory error minutes later
+        from spell_core.plan import check_run_fits
+        check_run_fits(config, args, topology)
     model, tokenizer, clusters = _load_model_and_documents(config, budget)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
