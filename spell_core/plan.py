@@ -206,7 +206,7 @@ def plan_memory(shape: Shape, ctx: int, gpus: int = 1, cp: int = 1, gpu_memory: 
     parts["weights (FSDP2 shard)"] = shard * b
     parts["gradients (FSDP2 shard)"] = shard * b
     parts["optimizer state (AdamW, 2 moments)"] = 2 * shard * b
-    parts["weights gathered for compute (root + 2 layers)"] = working_weights
+    parts["weights gathered (root + 2 layers)"] = working_weights
     parts["activations, no checkpointing"] = activations(shape, micro_batch_tokens, False)
     parts["activations, gradient checkpointing"] = activations(shape, micro_batch_tokens, True)
     kv_tokens = ctx + group_size * max_new_tokens
