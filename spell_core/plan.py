@@ -97,10 +97,10 @@ class Shape:
         return 2 * norm + attn + qk_norm + 4 * b * self.intermediate
 
     def backward_working_bytes_per_token(self) -> int:
-        """The backward's transient tensors of one layer: the MLP's input gradients (3 I wide),
-        the attention's fp32 dq / dk / dv accumulators and the residual stream's gradient."""
-        b, d = self.bytes, self.head_dim
-        return 3 * b * self.intermediate + 4 * (self.heads + 2 * self.kv_heads) * d + 2 * b * self.hidden
+        """The backward's transient tensors of one layer: the gradient of each tensor it saved
+        has that tensor's shape, so about one layer's activations again (the CPU validation
+        measures it so, bench/results/plan.md)."""
+        return self.activation_bytes_per_token_layer()
 
 
 @dataclass
@@ -183,7 +183,8 @@ def activations(shape: Shape, tokens: int, gradient_checkpointing: bool, device:
     # backward from the last layer: its activations go as its gradients come
     peak, acts, grads = 0, kept + outside, root_grads
     for _ in range(shape.layers):
-        in_flight = per_layer if gradient_checkpointing else 0  # the layer being recomputed
+        # the layer being recomputed: its saved tensors, and its forward's own transients next to them
+        in_flight = 2 * per_layer if gradient_checkpointing else 0
         peak = max(peak, acts + in_flight + grads + head + working + (0 if full_gradients else layer_grads))
         acts -= b * h * tokens if gradient_checkpointing else per_layer
         grads += layer_grads if full_gradients else 0
