@@ -183,8 +183,8 @@ def activations(shape: Shape, tokens: int, gradient_checkpointing: bool, device:
     # backward from the last layer: its activations go as its gradients come
     peak, acts, grads = 0, kept + outside, root_grads
     for _ in range(shape.layers):
-        # the layer being recomputed: its saved tensors, and its forward's own transients next to them
-        in_flight = 2 * per_layer if gradient_checkpointing else 0
+        # the layer being recomputed: its saved tensors, and part of its forward's own transients
+        in_flight = 3 * per_layer // 2 if gradient_checkpointing else 0
         peak = max(peak, acts + in_flight + grads + head + working + (0 if full_gradients else layer_grads))
         acts -= b * h * tokens if gradient_checkpointing else per_layer
         grads += layer_grads if full_gradients else 0

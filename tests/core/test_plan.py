@@ -43,8 +43,8 @@ def test_qwen3_8b_at_128k_on_8_gpus_by_hand():
     per_token_layer = 2 * 8 * 4096 + 2 * (2 * 32 + 2 * 8) * 128 + 4 * 32 + 6 * 40 * 128 + 4 * 2 * 12288
     assert shape.activation_bytes_per_token_layer() == per_token_layer == 215168
     # checkpointing keeps one hidden state per layer and token (36 x 4096 x 2 bytes), plus the layer
-    # being recomputed and its backward (3 layers' worth), the final norm, logits chunk, gradients
-    floor = 36 * 4096 * 2 * 32768 + 3 * per_token_layer * 32768
+    # being recomputed and its backward (2.5 layers' worth), the final norm, logits chunk, gradients
+    floor = 36 * 4096 * 2 * 32768 + 5 * per_token_layer * 32768 // 2
     # beyond: final norm 1.0, logits chunk 1.0 + rows 0.25, unsharded root + layer gradients 2.3 + 0.4 GiB
     assert floor < p.parts["activations, gradient checkpointing"] < floor + 6 * GiB
     assert p.fits and "fits with" in p.advice[0]
