@@ -39,7 +39,9 @@ from spell_core.trainer import Trainer, TrainerOptions
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world-size", type=int, default=2, help="CPU ranks to fork (ignored under torchrun)")
-    p.add_argument("--layout", choices=("dp", "cp", "both"), default="both")
+    p.add_argument("--layout", default="both",
+                   help="dp, cp (shared prefixes sharded), cp-plain (every response its own copy of the prompt), "
+                        "a comma list of them, or both (= dp,cp)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=8)
@@ -118,18 +120,25 @@ def _full_weights(model):
 def run_rank(topology, args, layout):
     import torch.distributed as dist
 
+    from spell_core.context_parallel import shard_micro_batch
+    from spell_core.trainer import plan_micro_batches
+
     model = build_model(args, topology.device)
-    trainer = Trainer(model, options(args), topology)
+    shared_prefix = layout != "cp-plain"
+    trainer = Trainer(model, options(args, shared_prefix), topology)
     everything = build_trajectories(args)
     if layout == "dp":
         mine = [t for t in everything if int(t.group.split(":")[1]) % topology.world_size == topology.rank]
     else:
         mine = everything
+    # tokens this rank forwards per step (its zigzag shards, padding included)
+    micro_batches = plan_micro_batches(mine, 1 << 30, shared_prefix)
+    forwarded = sum(shard_micro_batch(mb, topology.cp_rank, topology.cp).input_ids.numel() for mb in micro_batches)
     first, weights, seconds = timed_steps(trainer, mine, args.iters, barrier=dist.barrier)
     slowest = torch.tensor([seconds], device=topology.device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     return {"loss": first["loss"], "grad_norm": first["grad_norm"], "seconds": float(slowest),
-            "weights": weights if topology.is_main else None}
+            "tokens_forwarded_per_rank": forwarded, "weights": weights if topology.is_main else None}
 
 
 def single_process(args, shared_prefix):
@@ -158,7 +167,7 @@ def run_forked(args, layout):
         port = s.getsockname()[1]
         s.close()
         path = os.path.join(tmp, "result.pt")
-        mp.start_processes(_cpu_rank, args=(world, world if layout == "cp" else 1, port, args, layout, path),
+        mp.start_processes(_cpu_rank, args=(world, 1 if layout == "dp" else world, port, args, layout, path),
                            nprocs=world, start_method="fork")
         return torch.load(path)
 
@@ -169,6 +178,7 @@ def compare(result, reference, lr=LR):
     fp32 reductions: the share of weights that differ by more than 1 % of lr says how many."""
     diffs = torch.cat([(result["weights"][n] - w).abs().flatten() for n, w in reference["weights"].items()])
     return {"seconds": result["seconds"], "ratio_to_single": result["seconds"] / reference["seconds"],
+            "tokens_forwarded_per_rank": result.get("tokens_forwarded_per_rank"),
             "loss": result["loss"], "loss_rel_diff": abs(result["loss"] - reference["loss"]) / abs(reference["loss"]),
             "grad_norm_rel_diff": abs(result["grad_norm"] - reference["grad_norm"]) / reference["grad_norm"],
             "max_weight_diff_over_lr": float(diffs.max()) / lr,
@@ -177,12 +187,15 @@ def compare(result, reference, lr=LR):
 
 def main(argv=None):
     args = parse_args(argv)
-    layouts = ("dp", "cp") if args.layout == "both" else (args.layout,)
+    layouts = ("dp", "cp") if args.layout == "both" else tuple(args.layout.split(","))
+    unknown = set(layouts) - {"dp", "cp", "cp-plain"}
+    if unknown:
+        raise SystemExit(f"--layout: unknown {sorted(unknown)}; use dp, cp, cp-plain, a comma list, or both")
     if "RANK" in os.environ:  # torchrun: this process is one rank, of one layout
-        if args.layout == "both":
-            raise SystemExit("under torchrun pick one layout: --layout dp or --layout cp")
+        if len(layouts) != 1:
+            raise SystemExit("under torchrun pick one layout: --layout dp, cp or cp-plain")
         world = int(os.environ["WORLD_SIZE"])
-        topology = init_distributed(world if args.layout == "cp" else 1, timeout_s=1800)
+        topology = init_distributed(1 if args.layout == "dp" else world, timeout_s=1800)
         result = run_rank(topology, args, args.layout)
         if topology.is_main:
             report = {"shape": {k: v for k, v in vars(args).items() if k != "json"}, "world_size": world,

@@ -22,6 +22,8 @@ _EXPORTS = {
     "zigzag_pad": "ring_attn",
     "zigzag_unpad": "ring_attn",
     "zigzag_cu_seqlens": "ring_attn",
+    "ring_shared_prefix_attn_func": "ring_shared_prefix",
+    "RingSharedPrefixPlan": "ring_shared_prefix",
     # RL ops
     "fused_linear_logprob": "logprob",
     "policy_loss": "policy_loss",

@@ -9,11 +9,14 @@ and each rank scores the loss rows whose predicting hidden state it holds. Every
 is its share of the one token-mean over the step (weights 1 / global count), so the CP group's
 losses add up to the single-process loss; the ring's backward hands each rank the gradient of
 the whole loss with respect to its K/V, so the ranks' parameter gradients add up to the
-single-process gradient (FSDP2 sums them, see data_parallel.py).
+single-process gradient (FSDP2 sums them, see sharded_training.py).
 
-Shared-prefix groups are packed as plain sequences under CP (the trainer plans them with
-shared_prefix=False): the ring kernel has no second key range per segment, so each response
-carries its own copy of the prompt. Correct, but the prompt is forwarded once per response.
+Shared-prefix groups [prompt, resp_1 ... resp_G] keep their packing: every segment (the prompt,
+each response) is cut zigzag like a sequence, so the prompt is forwarded and back-propagated
+once, sharded, and each rank holds (prompt + sum of responses) / CP tokens. Attention is
+`spell_kernels.ring_shared_prefix_attn_func` (`RingSharedPrefixAttention`): the responses'
+queries see their own segment causally and, through the same K/V ring, every real key of the
+prompt's shards, merged by log-sum-exp (kernels/ring_shared_prefix.py).
 Dynamic-NTK RoPE is refused (its frequencies depend on the sequence length a shard does not see).
 """
 from __future__ import annotations
@@ -25,8 +28,9 @@ import torch
 
 import spell_kernels
 from spell_kernels.ring_attn import zigzag_cu_seqlens, zigzag_pad, zigzag_shard
+from spell_kernels.ring_shared_prefix import RingSharedPrefixPlan
 
-__all__ = ["RingAttention", "ContextShard", "shard_micro_batch", "micro_batch_loss"]
+__all__ = ["RingAttention", "RingSharedPrefixAttention", "ContextShard", "shard_micro_batch", "micro_batch_loss"]
 
 
 class RingAttention:
@@ -42,6 +46,17 @@ class RingAttention:
                                                          group=self.group)
 
 
+class RingSharedPrefixAttention:
+    """Attention backend for a zigzag shard of a micro-batch with shared-prefix groups."""
+
+    def __init__(self, plan: RingSharedPrefixPlan, group=None, softmax_scale=None):
+        self.plan, self.group, self.softmax_scale = plan, group, softmax_scale
+
+    def __call__(self, layer_idx: int, q, k, v):
+        return spell_kernels.ring_shared_prefix_attn_func(q, k, v, self.plan, softmax_scale=self.softmax_scale,
+                                                          group=self.group)
+
+
 @dataclass
 class ContextShard:
     """One rank's part of a micro-batch."""
@@ -51,13 +66,12 @@ class ContextShard:
     max_seqlen: int
     hidden_rows: torch.Tensor  # (n,) local hidden rows this rank scores
     loss_rows: torch.Tensor  # (n,) which of the micro-batch's loss rows (pred_rows order) they are
+    plan: RingSharedPrefixPlan | None = None  # for a micro-batch with shared-prefix groups
 
 
 def shard_micro_batch(mb, rank: int, world_size: int) -> ContextShard:
-    """Rank `rank`'s zigzag shard of a micro-batch of plain sequences (trainer.MicroBatch)."""
-    if mb.has_groups:
-        raise ValueError("a shared-prefix micro-batch cannot be sharded for context parallelism: plan the "
-                         "micro-batches with shared_prefix=False (the trainer does so when cp > 1)")
+    """Rank `rank`'s zigzag shard of a micro-batch (trainer.MicroBatch): every segment (plain
+    sequence, prompt, response) cut zigzag on its own."""
     layout, device = mb.layout, mb.input_ids.device
     cu = layout.cu_seqlens
     total = mb.input_ids.numel()
@@ -73,8 +87,11 @@ def shard_micro_batch(mb, rank: int, world_size: int) -> ContextShard:
     local_row[held_original[real]] = torch.nonzero(real).flatten()
     rows = local_row[mb.pred_rows]
     mine = rows >= 0
+    plan = None
+    if mb.has_groups:
+        plan = RingSharedPrefixPlan.build(cu.diff().tolist(), layout.parent.tolist(), rank, world_size, device)
     return ContextShard(ids[held], positions[held], cu_local.to(device), max_local, rows[mine],
-                        torch.nonzero(mine).flatten())
+                        torch.nonzero(mine).flatten(), plan)
 
 
 def micro_batch_loss(trainer, mb, global_count: int):
@@ -85,7 +102,10 @@ def micro_batch_loss(trainer, mb, global_count: int):
         raise ValueError("context parallelism does not support dynamic-NTK RoPE (its frequencies depend on the "
                          "whole sequence's length); use --cp 1, or a checkpoint with static RoPE scaling (yarn)")
     shard = shard_micro_batch(mb, topo.cp_rank, topo.cp)
-    attn = RingAttention(shard.cu_seqlens, shard.max_seqlen, topo.cp_group)
+    if shard.plan is not None:
+        attn = RingSharedPrefixAttention(shard.plan, topo.cp_group)
+    else:
+        attn = RingAttention(shard.cu_seqlens, shard.max_seqlen, topo.cp_group)
     context = torch.autocast(trainer.device.type, dtype=torch.bfloat16) if trainer.autocast else nullcontext()
     with context:
         hidden = model.forward_hidden(shard.input_ids, shard.cu_seqlens, shard.position_ids, attn=attn)

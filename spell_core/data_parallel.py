@@ -1,11 +1,5 @@
-"""Data parallel self-play: FSDP2 training state, rollouts spread over ranks, exact cross-rank sums.
-
-Training state. `shard_model` applies FSDP2 (`torch.distributed.fsdp.fully_shard`) to every
-decoder layer and to the whole model over all ranks of the world (the ranks of a
-context-parallel group hold the same weights, so they shard them like any other ranks).
-Gradients are summed, not averaged: every rank's loss is already its share of one token-mean
-over the whole step (`global_count` is all-reduced), so the sum is the single-process gradient.
-FSDP2 runs on CPUs with gloo too (torch >= 2.6), which is how the tests check it.
+"""Data parallel self-play: rollouts spread over ranks, questioner normalisation across them,
+one history memory in checkpoints.
 
 Rollouts. Every rank samples its own share (`rollout_share`) of each round's questions and of
 the kept responder groups, from its own share of the document clusters (`shard_clusters`), with
@@ -14,7 +8,9 @@ may generate different lengths). A question's whole group (its G answers and the
 stays on the rank that generated it, which computes its rewards and GRPO advantages; only the
 questioner's batch normalisation per task type spans ranks, made exact by an all-gather of the
 questioner rewards (`normalise_questioner_advantages`). The ranks of one CP group then train on
-the union of their trajectories (`gather_for_context_parallel`).
+the union of their trajectories (`gather_for_context_parallel`). The training side (FSDP2,
+the distributed forward / backward) is spell_core/sharded_training.py; nothing here imports the
+trainer.
 
 Checkpoints keep one history memory: the union of the ranks' (their clusters are disjoint), and
 rank 0's random state; on resume every rank derives its own generator from it (sampling is
@@ -22,10 +18,8 @@ deterministic for a given world size, not across world sizes).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import math
 import random
 
 import torch
@@ -33,60 +27,12 @@ import torch.distributed as dist
 
 import spell_kernels
 from spell_core.batch import Trajectory
-from spell_core.distributed import Topology
+from spell_core.distributed import Topology, process_group_ready, agreed, all_gather_objects, all_reduce_sum
+from spell_core.sharded_training import sampling_weights
 
-__all__ = ["shard_model", "is_sharded", "sampling_weights", "rollout_share", "shard_clusters", "rank_run_config",
-           "normalise_questioner_advantages", "gather_for_context_parallel", "merged_self_play_state",
-           "self_play_state_for_rank", "self_play_for_rank", "DistributedSelfPlay", "forward_backward",
-           "all_reduce_sum", "agreed"]
-
-
-# --- training state ------------------------------------------------------------------------------
-
-def shard_model(model, topology: Topology):
-    """FSDP2 over all ranks: each decoder layer its own unit, embedding / final norm / head the
-    root's. `forward_hidden` (what the trainer and the sampler call) gets FSDP's hooks."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-
-    if not topology.is_distributed:
-        return model
-    if is_sharded(model):
-        raise ValueError("the model is already sharded (fully_shard was applied before)")
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=topology.world_mesh)
-    fully_shard(model, mesh=topology.world_mesh)
-    register_fsdp_forward_method(model, "forward_hidden")
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)  # sum: each rank's loss is already normalised globally
-            module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
-    return model
-
-
-def is_sharded(model) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-@contextlib.contextmanager
-def sampling_weights(model):
-    """Every rank holds the full weights inside this block (one all-gather on entry), so that
-    each can run its own generation with no collective per forward. Collective: every rank
-    enters and leaves together. A no-op for a model that is not sharded."""
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.set_reshard_after_forward(False, recurse=False)
-        unit.unshard()
-    try:
-        yield model
-    finally:
-        for unit in units:
-            unit.reshard()
-            # FSDP2's defaults: the root keeps its weights (the head) after forward, the layers free theirs
-            unit.set_reshard_after_forward(unit is not model, recurse=False)
+__all__ = ["rollout_share", "shard_clusters", "rank_run_config", "normalise_questioner_advantages",
+           "gather_for_context_parallel", "merged_self_play_state", "self_play_state_for_rank", "self_play_for_rank",
+           "DistributedSelfPlay"]
 
 
 # --- rollouts ----------------------------------------------------------------------------------
@@ -129,12 +75,12 @@ def normalise_questioner_advantages(trajectories: list[Trajectory], group=None, 
     `group_advantages(rewards, mode="batch")` per task type. Returns `trajectories`."""
     mine = [t for t in trajectories if t.role == "questioner"]
     local = [(t.info.get("task_type"), float(t.reward)) for t in mine]
-    everyone = _all_gather_objects(local, group)
+    everyone = all_gather_objects(local, group)
     by_type: dict[str, list[float]] = {}
     for items in everyone:
         for task_type, reward in items:
             by_type.setdefault(task_type, []).append(reward)
-    rank = dist.get_rank(group) if _initialised(group) else 0
+    rank = dist.get_rank(group) if process_group_ready(group) else 0
     offset_in_type = {task_type: sum(1 for r in range(rank) for tt, _ in everyone[r] if tt == task_type)
                       for task_type in by_type}
     advantages = {task_type: spell_kernels.group_advantages(torch.tensor(rewards, dtype=torch.float64),
@@ -151,14 +97,14 @@ def gather_for_context_parallel(trajectories: list[Trajectory], topology: Topolo
     train on the same sequences, each holding a shard of every one. Collective within the group."""
     if topology.cp == 1:
         return trajectories
-    return [t for part in _all_gather_objects(trajectories, topology.cp_group) for t in part]
+    return [t for part in all_gather_objects(trajectories, topology.cp_group) for t in part]
 
 
 def merged_self_play_state(state: dict, group=None) -> dict:
     """One SelfPlay state for a checkpoint from every rank's: the union of the history memories
     (first rank first where two ranks share a cluster), rank 0's random generator and step
     count, and every rank's generator under "rank_rngs". Collective."""
-    states = _all_gather_objects(state, group)
+    states = all_gather_objects(state, group)
     merged = copy.deepcopy(states[0])
     seen = {(q["cluster_id"], q["task_type"]) for q in merged["memory"]["queues"]}
     for other in states[1:]:
@@ -243,96 +189,3 @@ class DistributedSelfPlay:
         self.play.load_state_dict(self_play_state_for_rank(state, self.topology.rank, self.topology.world_size))
 
 
-# --- the distributed optimizer step's forward / backward -------------------------------------------
-
-def forward_backward(trainer, micro_batches: list, global_count: int):
-    """Trainer._forward_backward on a world of ranks. FSDP2 runs collectives in every forward
-    and backward, so every rank runs as many micro-batches as the busiest one: the others pad
-    with a micro-batch whose advantage is 0 (an exactly zero gradient). A non-finite loss no
-    longer stops the loop early (the ranks would fall out of step); its gradient makes the
-    global norm non-finite and the update is skipped everywhere. Returns (loss, [stats], finite)
-    summed / combined over the world."""
-    topo = trainer.topology
-    device = trainer.device
-    count = torch.tensor([len(micro_batches)], dtype=torch.float64, device=device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    padding = None
-    total, stats, finite = 0.0, [], True
-    for i in range(int(count.item())):
-        real = i < len(micro_batches)
-        if real:
-            mb = micro_batches[i]
-        else:
-            padding = padding or _padding_micro_batch(trainer)
-            mb = padding
-        loss, mb_stats = trainer._micro_batch_loss(mb, global_count)
-        value = float(loss.detach())
-        finite = finite and math.isfinite(value)
-        loss.backward()
-        if real:
-            total += value
-            stats.append(mb_stats)
-        elif not stats:
-            stats.append({k: torch.zeros_like(v) for k, v in mb_stats.items()})  # the keys, with no tokens
-    summed = torch.tensor([total, 0.0 if finite else 1.0], dtype=torch.float64, device=device)
-    dist.all_reduce(summed)
-    return float(summed[0]), [_world_stats(stats, device)], bool(summed[1] == 0)
-
-
-def _padding_micro_batch(trainer):
-    from spell_core.trainer import plan_micro_batches
-
-    ghost = Trajectory("questioner", [0], [0], [0.0], 0.0)
-    return plan_micro_batches([ghost], 1 << 30, False, trainer.device)[0]
-
-
-def _world_stats(stats: list[dict], device) -> dict:
-    """The policy-loss statistics of the whole step over every rank's tokens."""
-    keys = sorted(k for k in stats[0] if k not in ("num_tokens", "ratio_min", "ratio_max"))
-    counts = torch.stack([s["num_tokens"].double() for s in stats])
-    sums = torch.stack([torch.stack([s[k].double() for k in keys]) for s in stats]) * counts[:, None]
-    buffer = torch.cat([sums.sum(0), counts.sum()[None]]).to(device)
-    dist.all_reduce(buffer)
-    out = {k: buffer[i] / buffer[-1].clamp(min=1.0) for i, k in enumerate(keys)}
-    out["num_tokens"] = buffer[-1]
-    for key, op, empty in (("ratio_min", dist.ReduceOp.MIN, math.inf), ("ratio_max", dist.ReduceOp.MAX, -math.inf)):
-        values = [s[key].double() for s in stats if s["num_tokens"] > 0]
-        local = torch.stack(values).min() if key == "ratio_min" and values else (
-            torch.stack(values).max() if values else torch.tensor(empty, dtype=torch.float64))
-        local = local.reshape(1).to(device)
-        dist.all_reduce(local, op=op)
-        out[key] = local[0] if math.isfinite(float(local[0])) else torch.tensor(1.0, dtype=torch.float64)
-    return out
-
-
-# --- small collectives -----------------------------------------------------------------------
-
-def agreed(flag: bool, topology: Topology) -> bool:
-    """True on every rank when `flag` is true on any (a stop request, an abandoned step).
-    Collective: every rank calls it at the same point."""
-    if not topology.is_distributed:
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=topology.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t[0] > 0)
-
-
-def all_reduce_sum(value: float, topology: Topology, group=None) -> float:
-    """`value` summed over `group` (default: the world); `value` itself in a single process."""
-    if not topology.is_distributed:
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=topology.device)
-    dist.all_reduce(t, group=group)
-    return float(t[0])
-
-
-def _initialised(group) -> bool:
-    return dist.is_available() and dist.is_initialized() and (group is not None or dist.get_world_size() > 1)
-
-
-def _all_gather_objects(obj, group=None) -> list:
-    if not _initialised(group):
-        return [obj]
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out

@@ -8,8 +8,10 @@
 Layout. The world's ranks form a (dp, cp) DeviceMesh, rank = dp_rank * cp + cp_rank: the ranks
 of one context-parallel group, which pass K/V around the ring in every layer, are neighbours
 (on one host when --nproc-per-node is a multiple of cp). NCCL on GPUs (one rank per GPU,
-cuda:LOCAL_RANK), gloo on CPUs. How the groups are used: spell_core/data_parallel.py (FSDP2,
-rollouts) and spell_core/context_parallel.py (zigzag sharding, ring attention).
+cuda:LOCAL_RANK), gloo on CPUs. How the groups are used: spell_core/sharded_training.py (FSDP2),
+spell_core/data_parallel.py (rollouts) and spell_core/context_parallel.py (zigzag sharding, ring
+attention). The small collectives every side uses (agreed, all_reduce_sum, all_gather_objects)
+live at the end of this file.
 
 Failures. Collectives time out (init_process_group(timeout=...)). A watchdog thread on every
 rank heartbeats through the rendezvous TCPStore (torchrun's agent hosts it, or rank 0) and
@@ -37,7 +39,8 @@ import torch.distributed as dist
 
 __all__ = ["Topology", "DistributedSetupError", "RankFailure", "Watchdog", "validate_sizes", "launch_env",
            "init_distributed", "shutdown", "failure_guard", "log_other_ranks_to_files", "RANK_FAILURE_EXIT_CODE",
-           "DEFAULT_TIMEOUT_S", "DEFAULT_HEARTBEAT_S"]
+           "DEFAULT_TIMEOUT_S", "DEFAULT_HEARTBEAT_S", "agreed", "all_reduce_sum",
+           "all_gather_objects", "process_group_ready"]
 
 RANK_FAILURE_EXIT_CODE = 75  # EX_TEMPFAIL: another rank failed; resuming from the last checkpoint may work
 DEFAULT_TIMEOUT_S = 600.0  # collectives, and how long a rank may stay stuck behind the others
@@ -356,3 +359,38 @@ def _exit_naming_the_failure(message: str) -> None:
     print(f"spell: error: {message}. Exiting (code {RANK_FAILURE_EXIT_CODE}); the last complete checkpoint "
           "stays usable: relaunch with --resume.", file=sys.stderr, flush=True)
     os._exit(RANK_FAILURE_EXIT_CODE)
+
+
+# --- small collectives -----------------------------------------------------------------------
+
+def agreed(flag: bool, topology: Topology) -> bool:
+    """True on every rank when `flag` is true on any (a stop request, an abandoned step).
+    Collective: every rank calls it at the same point."""
+    if not topology.is_distributed:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=topology.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t[0] > 0)
+
+
+def all_reduce_sum(value: float, topology: Topology, group=None) -> float:
+    """`value` summed over `group` (default: the world); `value` itself in a single process."""
+    if not topology.is_distributed:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=topology.device)
+    dist.all_reduce(t, group=group)
+    return float(t[0])
+
+
+def process_group_ready(group=None) -> bool:
+    """Whether collectives over `group` (None: the world, of more than one rank) can run."""
+    return dist.is_available() and dist.is_initialized() and (group is not None or dist.get_world_size() > 1)
+
+
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's `obj` (picklable), by rank in `group`; [obj] in a single process. Collective."""
+    if not process_group_ready(group):
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out

@@ -347,7 +347,11 @@ def _train_on_ranks(config: RunConfig, args, train_options, budget: int) -> int:
 def _train(config: RunConfig, args, train_options, budget: int, topology=None) -> int:
     from spell_core.monitor import Monitor
     from spell_core.run_folder import holds_a_run as run_folder_has_run
+
     validation = args.validation
+    if str(config.model.device).startswith("cuda"):  # stop now, not with an out-of-memory error minutes later
+        from spell_core.plan import check_run_fits
+        check_run_fits(config, args, topology)
     model, tokenizer, clusters = _load_model_and_documents(config, budget)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -407,7 +411,7 @@ def _steps(config: RunConfig, args, out: Path, start_step: int, model, tokenizer
     import torch
 
     from spell_core import train_state
-    from spell_core.data_parallel import agreed
+    from spell_core.distributed import agreed
     from spell_core.guards import NonFiniteUpdatesError
     from spell_core.loop import StepAbandoned
 

@@ -17,7 +17,7 @@ worst a temporary folder that the next save, or `tidy` at the next start, remove
 never written from NaN/Inf weights; `load` reads and checks every file before applying any, naming
 a corrupt one, and `load_usable` then falls back to the next older complete checkpoint.
 
-Any world size. A model sharded with FSDP2 (spell_core/data_parallel.py) is saved by every
+Any world size. A model sharded with FSDP2 (spell_core/sharded_training.py) is saved by every
 rank calling `save`: the full weights and the full, unsharded optimizer state are gathered to
 rank 0 (torch.distributed.checkpoint.state_dict, full_state_dict + cpu_offload), which writes
 the same files as a single process; the random states are rank 0's. `load` on a sharded model

@@ -24,10 +24,10 @@ log-probs in the LM head's dtype); CPU runs in the model's dtype.
 
 Many ranks (`Trainer(model, options, topology)`, see spell_core/distributed.py): the model is
 sharded with FSDP2 over the world, `global_count` is summed over the data-parallel ranks, and
-with cp > 1 every micro-batch is split zigzag across the context-parallel group (planned
-without shared prefixes, `micro_batch_tokens` then counts each rank's share:
+with cp > 1 every micro-batch is split zigzag across the context-parallel group, a shared
+prompt's shards forwarded once (`micro_batch_tokens` then counts each rank's share:
 spell_core/context_parallel.py). Loss, gradients and update equal the single-process step on
-the union of the ranks' trajectories (spell_core/data_parallel.py, tests/core/test_distributed.py).
+the union of the ranks' trajectories (spell_core/sharded_training.py, tests/core/test_distributed.py).
 """
 from __future__ import annotations
 
@@ -40,8 +40,11 @@ from dataclasses import dataclass
 import torch
 
 import spell_kernels
+from spell_core import context_parallel
 from spell_core.batch import ROLES, Trajectory
+from spell_core.distributed import all_reduce_sum
 from spell_core.model import CausalLM, VarlenCausalAttention
+from spell_core.sharded_training import forward_backward, shard_model
 from spell_kernels.shared_prefix import SharedPrefixAttention, SharedPrefixLayout
 
 __all__ = ["TrainerOptions", "Trainer", "MicroBatch", "TrainingOutOfMemoryError", "plan_micro_batches"]
@@ -213,7 +216,6 @@ class Trainer:
         self._distributed = topology is not None and topology.is_distributed
         self._cp = topology.cp if topology is not None else 1
         if self._distributed:
-            from spell_core.data_parallel import shard_model
             shard_model(model, topology)  # before the optimizer: it must hold the sharded parameters
         if options.agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
             raise ValueError(f"agg={options.agg!r}: expected token-mean, seq-mean-token-mean or seq-mean-token-sum")
@@ -272,9 +274,9 @@ class Trainer:
         """Forward and backward every micro-batch, adding into .grad (no optimizer step).
         Returns the metrics of train_step except grad_norm, lr and step_time_s."""
         opts = self.options
-        # under context parallelism a micro-batch is split over cp ranks (and holds no shared prefix)
-        micro_batches = plan_micro_batches(trajectories, opts.micro_batch_tokens * self._cp,
-                                           opts.shared_prefix and self._cp == 1, self.device, self.quadratic_weight)
+        # under context parallelism a micro-batch is split over cp ranks
+        micro_batches = plan_micro_batches(trajectories, opts.micro_batch_tokens * self._cp, opts.shared_prefix,
+                                           self.device, self.quadratic_weight)
         self._check_token_ids(trajectories, micro_batches)
         metrics = _count_metrics(trajectories, micro_batches)
         if opts.agg == "token-mean":
@@ -282,7 +284,6 @@ class Trainer:
         else:
             global_count = sum(len(mb.trajectories) for mb in micro_batches)
         if self._distributed:  # the CP ranks of a data-parallel group share their trajectories: count them once
-            from spell_core.data_parallel import all_reduce_sum
             global_count = round(all_reduce_sum(global_count, self.topology, self.topology.dp_group))
         if not micro_batches and not (self._distributed and global_count > 0):
             return metrics | {"skipped": True, "skip_reason": "nothing trainable: no trajectory with response tokens",
@@ -307,7 +308,6 @@ class Trainer:
 
     def _forward_backward(self, micro_batches: list[MicroBatch], global_count: int):
         if self._distributed:
-            from spell_core.data_parallel import forward_backward
             return forward_backward(self, micro_batches, global_count)
         total, stats = 0.0, []
         for mb in micro_batches:
@@ -320,12 +320,17 @@ class Trainer:
             stats.append(mb_stats)
         return total, stats, True
 
+    def padding_micro_batch(self) -> MicroBatch:
+        """A micro-batch with an exactly zero gradient (advantage 0), for a rank with fewer
+        micro-batches than the busiest one (sharded_training.forward_backward)."""
+        ghost = Trajectory("questioner", [0], [0], [0.0], 0.0)
+        return plan_micro_batches([ghost], 1 << 30, False, self.device)[0]
+
     def _micro_batch_loss(self, mb: MicroBatch, global_count: int):
         """(loss, stats) of one micro-batch, before backward."""
         opts = self.options
         if self._cp > 1:
-            from spell_core.context_parallel import micro_batch_loss
-            return micro_batch_loss(self, mb, global_count)
+            return context_parallel.micro_batch_loss(self, mb, global_count)
         if mb.has_groups:
             attn = SharedPrefixAttention(mb.layout)
         else:

@@ -1,8 +1,9 @@
 """Context parallel training: zigzag shards of a micro-batch, and a CP = 2 (and DP 2 x CP 2) step
 on gloo processes against the single-process trainer on the same trajectories.
 
-The single-process step packs shared prefixes, the CP step packs every trajectory as a plain
-sequence and runs ring attention (float64 blocks merge in float64). The model's RMSNorm runs in
+The single-process step packs shared prefixes; the CP step shards the same shared-prefix groups
+(the prompt forwarded once, kernels/ring_shared_prefix.py) or, with shared_prefix=False, packs
+every trajectory as a plain sequence, and runs ring attention (float64 blocks merge in float64). The model's RMSNorm runs in
 fp32 as transformers' does, so gradients through it are rounded to fp32, and the two packings
 round differently: loss and gradient norm rel 1e-6, weights after AdamW within 1e-5 x lr (a
 step moves a weight by about lr; measured: 5e-7 x lr; see test_distributed.py for the AdamW eps
@@ -25,13 +26,16 @@ FP32_TOLERANCE = 1e-5  # a float32 model: single-process and distributed both in
 FP32_WEIGHT_TOLERANCE = 1e-4
 
 
-@pytest.mark.parametrize("world_size, cp, agg, dtype", [
-    (2, 2, "token-mean", torch.float64),
-    (2, 2, "seq-mean-token-mean", torch.float64),
-    (4, 2, "token-mean", torch.float32),  # DP 2 x CP 2; fp32 takes FSDP2's other reduction path
+@pytest.mark.parametrize("world_size, cp, agg, dtype, shared_prefix", [
+    (2, 2, "token-mean", torch.float64, True),
+    (4, 4, "token-mean", torch.float64, True),
+    (2, 2, "seq-mean-token-mean", torch.float64, True),
+    (2, 2, "token-mean", torch.float64, False),  # every answer its own copy of the prompt
+    (4, 2, "token-mean", torch.float32, True),  # DP 2 x CP 2; fp32 takes FSDP2's other reduction path
 ])
-def test_context_parallel_step_and_checkpoints_equal_single_process(tmp_path, world_size, cp, agg, dtype):
-    options = {**OPTIONS, "agg": agg}
+def test_context_parallel_step_and_checkpoints_equal_single_process(tmp_path, world_size, cp, agg, dtype,
+                                                                    shared_prefix):
+    options = {**OPTIONS, "agg": agg, "shared_prefix": shared_prefix}
     fp32 = dtype == torch.float32
     ranks, _, shares = check_distributed_step(tmp_path, world_size, cp, options, dtype=dtype,
                                               weight_tol=FP32_WEIGHT_TOLERANCE if fp32 else CP_WEIGHT_TOLERANCE,
@@ -118,11 +122,28 @@ def test_a_rank_without_loss_rows_still_joins_the_backward(tmp_path):
     assert float(ranks[0]["grads"]["model.embed_tokens.weight"].abs().sum()) > 0  # rank 0's K/V got gradients
 
 
-def test_shared_prefix_micro_batches_are_refused():
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_shared_prefix_shards_hold_each_prompt_once(world_size):
+    """A shared-prefix micro-batch keeps its segments: the ranks together hold every token once
+    (plus each segment's padding to 2 x world_size), and every loss row is scored once, from the
+    hidden row of the token that predicts it."""
     mb = plan_micro_batches(make_batch(5), 1000, shared_prefix=True)[0]
     assert mb.has_groups
-    with pytest.raises(ValueError, match="shared_prefix=False"):
-        shard_micro_batch(mb, 0, 2)
+    segments = mb.layout.cu_seqlens.diff().tolist()
+    multiple = 2 * world_size
+    scored = []
+    for rank in range(world_size):
+        shard = shard_micro_batch(mb, rank, world_size)
+        assert shard.input_ids.numel() == sum(-(-n // multiple) * multiple for n in segments) // world_size
+        assert shard.plan is not None and shard.plan.cu_seqlens.tolist() == shard.cu_seqlens.tolist()
+        torch.testing.assert_close(shard.input_ids[shard.hidden_rows], mb.input_ids[mb.pred_rows[shard.loss_rows]])
+        torch.testing.assert_close(shard.position_ids[shard.hidden_rows],
+                                   mb.layout.position_ids[mb.pred_rows[shard.loss_rows]])
+        scored += shard.loss_rows.tolist()
+    assert sorted(scored) == list(range(mb.targets.numel()))
+    # far fewer tokens than the plain packing, where every response repeats its prompt
+    plain = plan_micro_batches(make_batch(5), 1000, shared_prefix=False)[0]
+    assert mb.input_ids.numel() < plain.input_ids.numel()
 
 
 def test_ring_attention_of_one_rank_is_the_model_default():

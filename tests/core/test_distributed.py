@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import spell_kernels
-from spell_core import data_parallel, train_state
+from spell_core import data_parallel, sharded_training, train_state
 from spell_core.batch import Trajectory
 from spell_core.distributed import (RANK_FAILURE_EXIT_CODE, DistributedSetupError, Topology, Watchdog,
                                     failure_guard, init_distributed, launch_env, shutdown, validate_sizes)
@@ -126,7 +126,7 @@ def sample_and_normalise(topology, model, shares):
     if topology.cp > 1:
         return {}
     ids = torch.arange(3 + 4 * topology.rank) % VOCAB
-    with data_parallel.sampling_weights(model), torch.inference_mode():
+    with sharded_training.sampling_weights(model), torch.inference_mode():
         # what the sampler calls; ranks run different numbers of forwards
         hidden = [model.forward_hidden(ids) for _ in range(1 + 2 * topology.rank)]
     questioners = [t for t in shares[topology.rank] if t.role == "questioner"]

@@ -1,0 +1,348 @@
+"""`python -m spell_core.plan`: will a model fit, per GPU, at a context length, CP size and
+micro-batch, before anything is loaded? Reads the model's config.json only.
+
+    python -m spell_core.plan --model Qwen/Qwen3-8B --ctx 128k --gpus 8 --cp 4 --gpu-memory 80GB
+
+Per GPU, two phases that never overlap:
+
+  training   FSDP2 shards of the weights, gradients and AdamW's two moments (over all GPUs),
+             plus the unsharded working set (the root's embedding / head, two decoder layers in
+             flight), plus one micro-batch's activations: every tensor autograd keeps per token
+             and layer (counted from the model code: the RMSNorms' fp32 copies, q/k/v after
+             RoPE, the attention output and its LSE, the MLP's four I-wide tensors), or with
+             gradient checkpointing one layer input per layer and one layer recomputed, and the
+             backward's working tensors. Under CP a rank holds micro_batch_tokens tokens of
+             the step (its share); the model's parameter dtype is used throughout (bf16 on GPU).
+  sampling   every rank holds the full weights (gathered once per step) and runs whole
+             prompts: the KV cache of one question's group, prompt + G x max_new_tokens tokens
+             (the prompt's KV is shared by the G samples), plus one prefill chunk's working set.
+
+Everything is linear in the context: no term holds an (L x L) matrix. The model of the
+activations is checked against measured peaks on CPU in bench/results/plan.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spell_core.config import parse_ctx
+
+__all__ = ["MemoryPlan", "plan_memory", "read_model_config", "parse_bytes", "main"]
+
+GiB = 1 << 30
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+USABLE = 0.92  # of the GPU's memory: CUDA context, allocator fragmentation, NCCL buffers
+PREFILL_CHUNK_TOKENS = 8192  # the sampler's default on CUDA (sampler.DEFAULT_PREFILL_CHUNK_TOKENS)
+LOGITS_CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}  # fused log-prob's logits buffer (kernels/logprob.py)
+
+
+@dataclass
+class Shape:
+    """What the memory of a decoder depends on (from config.json)."""
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    qk_norm: bool
+    qkv_bias: bool
+    max_positions: int
+    dtype: str
+
+    @classmethod
+    def from_config(cls, raw: dict, dtype: str | None = None) -> "Shape":
+        from spell_core.model import ModelConfig
+
+        config = ModelConfig.from_hf(raw)
+        name = dtype or raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
+        if name not in DTYPE_BYTES:
+            raise ValueError(f"dtype {name!r}: expected one of {', '.join(DTYPE_BYTES)}")
+        return cls(config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                   config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.tie_word_embeddings,
+                   config.qk_norm, config.qkv_bias, config.max_position_embeddings, name)
+
+    @property
+    def bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    def layer_params(self) -> int:
+        h, d, q, kv, i = self.hidden, self.head_dim, self.heads, self.kv_heads, self.intermediate
+        attn = h * q * d + 2 * h * kv * d + q * d * h + (q * d + 2 * kv * d if self.qkv_bias else 0)
+        return attn + 3 * h * i + 2 * h + (2 * d if self.qk_norm else 0)
+
+    def root_params(self) -> int:
+        """Embedding, final norm and (untied) head: FSDP2's root unit."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    def params(self) -> int:
+        return self.layers * self.layer_params() + self.root_params()
+
+    def activation_bytes_per_token_layer(self) -> int:
+        """What autograd keeps per token in one decoder layer (spell_core/model.py): each RMSNorm
+        its fp32 input and normalised output (4 + b) H plus its output b H; q and k after RoPE,
+        v, the attention output (b each) and its fp32 LSE; gate, silu(gate), up and their
+        product (b I each); with q/k norm their fp32 inputs and outputs."""
+        b, h, d = self.bytes, self.hidden, self.head_dim
+        norm = (4 if b < 4 else b) * h + 2 * b * h
+        attn = b * (2 * self.heads * d + 2 * self.kv_heads * d) + 4 * self.heads
+        qk_norm = ((4 if b < 4 else b) + b) * (self.heads + self.kv_heads) * d if self.qk_norm else 0
+        return 2 * norm + attn + qk_norm + 4 * b * self.intermediate
+
+    def backward_working_bytes_per_token(self) -> int:
+        """The backward's transient tensors of one layer: the gradient of each tensor it saved
+        has that tensor's shape, so about one layer's activations again (the CPU validation
+        measures it so, bench/results/plan.md)."""
+        return self.activation_bytes_per_token_layer()
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per GPU of every part, the two phases' peaks, and the verdict."""
+    shape: Shape
+    ctx: int
+    gpus: int
+    cp: int
+    gpu_memory: int
+    micro_batch_tokens: int
+    gradient_checkpointing: bool
+    group_size: int
+    max_new_tokens: int
+    parts: dict = field(default_factory=dict)
+    training_peak: int = 0
+    sampling_peak: int = 0
+    advice: list = field(default_factory=list)
+
+    @property
+    def usable(self) -> int:
+        return int(self.gpu_memory * USABLE)
+
+    @property
+    def peak(self) -> int:
+        return max(self.training_peak, self.sampling_peak)
+
+    @property
+    def headroom(self) -> int:
+        return self.usable - self.peak
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom >= 0
+
+    def report(self) -> str:
+        s = self.shape
+        lines = [f"model       {s.params() / 1e9:.2f} B parameters ({s.layers} layers, hidden {s.hidden}, "
+                 f"{s.heads} q / {s.kv_heads} kv heads x {s.head_dim}, intermediate {s.intermediate}, "
+                 f"vocab {s.vocab}, {s.dtype})",
+                 f"layout      {self.gpus} GPUs = {self.gpus // self.cp} data parallel x {self.cp} context parallel; "
+                 f"ctx {self.ctx:,}; micro-batch {self.micro_batch_tokens:,} tokens per GPU"
+                 f"{' (gradient checkpointing)' if self.gradient_checkpointing else ''}; "
+                 f"G = {self.group_size} samples x {self.max_new_tokens:,} new tokens",
+                 "per GPU:"]
+        for name, value in self.parts.items():
+            lines.append(f"  {name:<44} {value / GiB:8.2f} GiB")
+        lines += [f"  {'training peak':<44} {self.training_peak / GiB:8.2f} GiB",
+                  f"  {'sampling peak':<44} {self.sampling_peak / GiB:8.2f} GiB",
+                  f"  {'usable ({:.0%} of {:.0f} GiB)'.format(USABLE, self.gpu_memory / GiB):<44} "
+                  f"{self.usable / GiB:8.2f} GiB",
+                  f"  {'headroom':<44} {self.headroom / GiB:8.2f} GiB"]
+        lines.append("fits: yes" if self.fits else "fits: NO")
+        lines += [f"  - {a}" for a in self.advice]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"parts_bytes": self.parts, "training_peak_bytes": self.training_peak,
+                "sampling_peak_bytes": self.sampling_peak, "usable_bytes": self.usable, "headroom_bytes": self.headroom,
+                "fits": self.fits, "advice": self.advice}
+
+
+def activations(shape: Shape, tokens: int, gradient_checkpointing: bool, device: str = "cuda",
+                loss_rows: int | None = None, full_gradients: bool = False) -> int:
+    """Peak bytes of one micro-batch of `tokens` tokens on one rank, beyond weights, gradient
+    shards and optimizer state: autograd's saved tensors, the backward's working set, the loss
+    head's logits chunk, and the unsharded gradients FSDP2 holds until it reduce-scatters them
+    (the root's for the whole backward, one layer's at a time). full_gradients: one process
+    without FSDP, whose gradients appear layer by layer while the activations go (the CPU
+    validation, bench/plan_validate.py)."""
+    b, h = shape.bytes, shape.hidden
+    per_layer = shape.activation_bytes_per_token_layer() * tokens
+    outside = ((4 if b < 4 else b) * h + 2 * b * h) * tokens + 2 * b * shape.head_dim * tokens  # final norm, cos/sin
+    rows = tokens if loss_rows is None else loss_rows
+    head = min(rows * shape.vocab * 4, LOGITS_CHUNK_BYTES[device]) + b * h * rows  # logits chunk, gathered rows
+    working = shape.backward_working_bytes_per_token() * tokens
+    layer_grads = shape.layer_params() * b
+    root_grads = shape.root_params() * b
+    kept = shape.layers * b * h * tokens if gradient_checkpointing else shape.layers * per_layer
+    # backward from the last layer: its activations go as its gradients come
+    peak, acts, grads = 0, kept + outside, root_grads
+    for _ in range(shape.layers):
+        # the layer being recomputed: its saved tensors, and part of its forward's own transients
+        in_flight = 3 * per_layer // 2 if gradient_checkpointing else 0
+        peak = max(peak, acts + in_flight + grads + head + working + (0 if full_gradients else layer_grads))
+        acts -= b * h * tokens if gradient_checkpointing else per_layer
+        grads += layer_grads if full_gradients else 0
+    return max(peak, grads + head)
+
+
+def plan_memory(shape: Shape, ctx: int, gpus: int = 1, cp: int = 1, gpu_memory: int = 80 * GiB,
+                micro_batch_tokens: int | None = None, gradient_checkpointing: bool = False, group_size: int = 8,
+                max_new_tokens: int = 4096) -> MemoryPlan:
+    if gpus < 1 or cp < 1 or gpus % cp:
+        raise ValueError(f"--gpus ({gpus}) must be a positive multiple of --cp ({cp})")
+    if micro_batch_tokens is None:  # the packer's budget per rank: at least one whole trajectory's share
+        micro_batch_tokens = max(32768, -(-ctx // cp))
+    plan = MemoryPlan(shape, ctx, gpus, cp, gpu_memory, micro_batch_tokens, gradient_checkpointing, group_size,
+                      max_new_tokens)
+    b, n = shape.bytes, shape.params()
+    shard = math.ceil(n / gpus)
+    working_weights = (shape.root_params() + 2 * shape.layer_params()) * b
+    parts = plan.parts
+    parts["weights (FSDP2 shard)"] = shard * b
+    parts["gradients (FSDP2 shard)"] = shard * b
+    parts["optimizer state (AdamW, 2 moments)"] = 2 * shard * b
+    parts["weights gathered (root + 2 layers)"] = working_weights
+    parts["activations, no checkpointing"] = activations(shape, micro_batch_tokens, False)
+    parts["activations, gradient checkpointing"] = activations(shape, micro_batch_tokens, True)
+    kv_tokens = ctx + group_size * max_new_tokens
+    parts["sampler: full weights"] = n * b
+    parts[f"sampler: KV cache ({kv_tokens:,} tokens)"] = kv_tokens * 2 * shape.layers * shape.kv_heads * shape.head_dim * b
+    chunk = min(PREFILL_CHUNK_TOKENS, ctx)
+    parts["sampler: prefill chunk working set"] = chunk * b * (3 * shape.intermediate + 2 * shape.hidden
+                                                                 + (shape.heads + 2 * shape.kv_heads) * shape.head_dim)
+    act = parts["activations, gradient checkpointing" if gradient_checkpointing else "activations, no checkpointing"]
+    plan.training_peak = 4 * shard * b + working_weights + act
+    plan.sampling_peak = (n * b + parts[f"sampler: KV cache ({kv_tokens:,} tokens)"]
+                          + parts["sampler: prefill chunk working set"])
+    plan.advice = _advice(plan)
+    return plan
+
+
+def _advice(plan: MemoryPlan) -> list[str]:
+    out = []
+    usable = plan.usable
+    if plan.training_peak > usable:
+        static = plan.training_peak - plan.parts["activations, gradient checkpointing" if plan.gradient_checkpointing
+                                                 else "activations, no checkpointing"]
+        if not plan.gradient_checkpointing and static + plan.parts["activations, gradient checkpointing"] <= usable:
+            out.append("training does not fit: add --gradient-checkpointing")
+        else:
+            tokens = _largest_micro_batch(plan, usable - static)
+            need = -(-plan.ctx // plan.cp)
+            if tokens >= need:
+                out.append(f"training does not fit: lower --micro-batch-tokens to {tokens:,} or less"
+                           + ("" if plan.gradient_checkpointing else " (or add --gradient-checkpointing)"))
+            else:
+                out.append(f"training does not fit: one trajectory needs {need:,} tokens per GPU at --cp {plan.cp}; "
+                           f"raise --cp (more GPUs per sequence), add GPUs (smaller shards), or lower --ctx")
+    if plan.sampling_peak > usable:
+        out.append("sampling does not fit: the full weights plus one group's KV cache exceed a GPU; lower "
+                   "--group-size or --max-new-tokens or --ctx (--cp does not split sampling)")
+    if not out:
+        out.append(f"fits with {plan.headroom / GiB:.1f} GiB to spare; the sampler's KV cache takes half the free "
+                   "memory for parallel waves (--kv-budget-tokens)")
+    return out
+
+
+def _largest_micro_batch(plan: MemoryPlan, budget: int) -> int:
+    lo, hi = 0, plan.micro_batch_tokens
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if activations(plan.shape, mid, plan.gradient_checkpointing) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB', '80G', '141 GiB', '8e10' -> bytes. GB and GiB both mean 2^30: a GPU sold as
+    "80GB" holds 80 GiB."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)i?B?\s*", str(text), flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"memory size {text!r}: use a number with a unit, e.g. 80GB or 141GiB")
+    value, unit = float(match.group(1)), match.group(2).upper()
+    power = "KMGT".index(unit) + 1 if unit else 0
+    return int(value * 1024 ** power)
+
+
+def read_model_config(model: str) -> dict:
+    """config.json of a local folder (or the file itself), a model alias, or a Hugging Face hub
+    id (only config.json is downloaded)."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        return json.loads(path.read_text())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} has no config.json")
+        return json.loads((path / "config.json").read_text())
+    from spell_core import assets
+
+    if str(model).strip().lower() in assets._MODEL_ALIASES:
+        return json.loads((assets.resolve_model(model) / "config.json").read_text())
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)):
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+    raise ValueError(f"--model {model!r} is neither a folder with config.json, a config.json file, a model alias "
+                     "nor a Hugging Face hub id (owner/name)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m spell_core.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="folder with config.json, a config.json, an alias or a hub id")
+    p.add_argument("--ctx", required=True, type=parse_ctx, help="context length: 16k, 128k, 131072")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs in the job (default 1)")
+    p.add_argument("--cp", type=int, default=1, help="context parallel size (default 1)")
+    p.add_argument("--gpu-memory", type=parse_bytes, default=parse_bytes("80GB"), help="per GPU (default 80GB)")
+    p.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="tokens per GPU per forward/backward (default: the run's 32768, or one trajectory's share)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--group-size", type=int, default=8, help="G samples per prompt (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=4096, help="(default 4096)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None, help="default: config.json's, else bfloat16")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        shape = Shape.from_config(read_model_config(args.model), args.dtype)
+        plan = plan_memory(shape, args.ctx, args.gpus, args.cp, args.gpu_memory, args.micro_batch_tokens,
+                           args.gradient_checkpointing, args.group_size, args.max_new_tokens)
+    except (ValueError, OSError) as err:
+        print(f"spell.plan: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.report())
+    return 0 if plan.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def check_run_fits(config, args, topology=None) -> MemoryPlan:
+    """`run` on a GPU, before anything is loaded: the plan of this run (config.json, the GPU's
+    memory, the world size); ValueError with the plan and its advice when it does not fit."""
+    import torch
+
+    from spell_core.assets import resolve_model
+
+    shape = Shape.from_config(read_model_config(str(resolve_model(config.model.name))))
+    total = torch.cuda.get_device_properties(torch.device(config.model.device)).total_memory
+    plan = plan_memory(shape, config.data.ctx, topology.world_size if topology is not None else 1, args.cp, total,
+                       args.micro_batch_tokens, args.gradient_checkpointing, config.sampling.group_size,
+                       config.sampling.max_response_tokens)
+    if not plan.fits:
+        raise ValueError("this run does not fit in GPU memory (spell_core.plan, before loading anything):\n"
+                         + plan.report())
+    print(f"memory plan peak {plan.peak / GiB:.1f} of {plan.usable / GiB:.1f} GiB usable per GPU "
+          f"(python -m spell_core.plan for the details)")
+    return plan

@@ -1,0 +1,116 @@
+"""`--ctx 128k` end to end: documents clustered to the full context, every stage of one
+SelfPlay.step (questioner, grounding, responder, verifier, rewards, selection) on prompts that
+hold the whole cluster, and the update on them, with a tiny random model whose positions reach
+131072 + the response.
+
+Outputs are scripted (tests/core/scripted.py): a well-formed doc_qa question, responders right
+half the time, verifiers that judge correctly but one; so the step always has a responder group with
+reward variance, a questioner sample and verifier groups to train.
+
+Attention is quadratic in the context: at 128k one forward of even a 1-layer model takes minutes
+on a CPU, so CI runs this test at 4k, and `SPELL_LONG_CTX=128k pytest tests/core/test_long_context.py`
+runs the same test at 128k (bench/long_context.py measures time and memory up to 128k)."""
+import json
+import os
+
+import pytest
+import torch
+
+from spell_core.config import RunConfig, parse_ctx
+from spell_core.data import build_clusters, load_documents
+from spell_core.loop import SelfPlay
+from spell_core.model import load_pretrained
+from spell_core.trainer import Trainer, TrainerOptions
+from tests.core.scripted import scripted_generate
+
+CTX = parse_ctx(os.environ.get("SPELL_LONG_CTX", "4k"))
+RESPONSE = 32
+G = 4
+
+
+def make_model(folder, tokenizer_source):
+    """A random 1-layer Llama, hidden 16, positions 131072 + 1024, saved by transformers."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=131072 + 1024,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_corpus(folder, tokenizer, budget):
+    """notes.jsonl: one cluster of documents of numbered notes filling 90-97 % of the cluster
+    budget. Documents of ~1000 tokens: the prompt wraps each document in a few tokens of its own,
+    which the cluster budget does not count (many tiny documents would overflow the context)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["stone", "well", "garden", "door", "lantern", "key", "river", "tower", "field", "gate"]
+    texts = [f"Note {i}: the {words[i % 10]} by the {words[(i * 7) % 10]} is number {i}, near the {words[(i * 3) % 10]}."
+             for i in range(budget // 8)]
+    counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    documents, current, total = [], [], 0
+    for text, n in zip(texts, counts):
+        if total + n + 1 > 0.95 * budget:
+            break
+        current.append(text)
+        total += n + 1
+        if len(current) == 60:
+            documents.append(current)
+            current = []
+    documents += [current] if current else []
+    lines = [json.dumps({"id": f"d{k}", "text": "\n".join(doc), "cluster": "notes"}) for k, doc in enumerate(documents)]
+    (folder / "notes.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def play(role, text, i, j, rng):
+    if role == "questioner":
+        return 'Here it is.\n```json\n{"question": "Which object is number 7?", "answer": "lantern"}\n```'
+    if role == "grounding":
+        return "The answer is unknown."
+    if role == "responder":
+        return f"I read it. The answer is {'lantern' if j % 2 == 0 else 'candle'}."
+    right = "Answer to grade: lantern" in text
+    return f"Judged. [[{'YES' if right == (j != G - 1) else 'NO'}]]"  # the last verifier errs: agreement 0.75
+
+
+@pytest.fixture
+def doc_qa_only(monkeypatch):
+    monkeypatch.setattr("spell_core.loop.TASK_TYPES", ("doc_qa",))
+
+
+def test_one_self_play_step_and_update_at_the_full_context(tmp_path, doc_qa_only):
+    from spell_core.assets import resolve_model
+
+    config = RunConfig()
+    config.data.ctx = CTX
+    config.sampling.group_size = G
+    config.sampling.max_response_tokens = RESPONSE
+    config.loop.questions = 1
+    config.loop.kept_groups = 1
+    config.loop.max_rounds = 1
+    model, tokenizer = load_pretrained(make_model(tmp_path / "model", resolve_model()))
+    budget = config.cluster_budget
+    clusters = build_clusters(load_documents(make_corpus(tmp_path / "corpus", tokenizer, budget)), tokenizer, budget)
+    assert len(clusters) == 1 and 0.9 * budget <= clusters[0].n_tokens <= budget  # a cluster reaching the context
+
+    result = SelfPlay(model, tokenizer, clusters, config, generate=scripted_generate(play)).step()
+    roles = {t.role for t in result.trajectories}
+    assert roles == {"questioner", "responder", "verifier"}, roles
+    responders = [t for t in result.trajectories if t.role == "responder"]
+    assert len(responders) == G and len({tuple(t.prompt_ids) for t in responders}) == 1
+    # the responder reads the whole cluster, and its input and output fit the context
+    assert all(clusters[0].n_tokens < len(t.prompt_ids) and t.num_tokens <= CTX for t in responders), \
+        [t.num_tokens for t in responders]
+
+    trainer = Trainer(model, TrainerOptions(lr=1e-3, micro_batch_tokens=CTX + G * RESPONSE, bf16_autocast=False))
+    before = model.lm_head_weight.detach().clone()
+    metrics = trainer.train_step(result.trajectories)
+    assert not metrics["skipped"], metrics
+    assert metrics["tokens_trained"] == sum(len(t.response_ids) for t in result.trajectories)
+    # the group's prompt forwarded once: fewer tokens than one copy per responder
+    assert metrics["tokens_forwarded"] < sum(t.num_tokens for t in result.trajectories)
+    assert float((model.lm_head_weight - before).abs().max()) > 0
