@@ -234,7 +234,7 @@ class Trainer:
             from spell_core.guards import UpdateGuard
             every_rank = None
             if self._distributed:
-                from spell_core.data_parallel import all_reduce_sum
+                from spell_core.distributed import all_reduce_sum
                 every_rank = lambda ok: all_reduce_sum(0.0 if ok else 1.0, topology) == 0  # noqa: E731
             self.guard = UpdateGuard(self.params, self.optimizer, options.max_rollbacks, every_rank)
         autocast = options.bf16_autocast

@@ -74,7 +74,7 @@ class Validation:
             return {}
         gathered = contextlib.nullcontext()
         if topology is not None and topology.is_distributed:
-            from spell_core.data_parallel import sampling_weights
+            from spell_core.sharded_training import sampling_weights
 
             gathered = sampling_weights(model)
         with gathered:
