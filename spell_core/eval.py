@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from math import comb
 from pathlib import Path
 
+from spell_core.assets import DEFAULT_MODEL
 from spell_core.roles import (DOC_MC, TASK_TYPES, Task, build_responder_prompt, build_verifier_prompt,
                               extract_answer, parse_verdict, responder_reward, rule_reward, verifier_majority)
 from spell_core.roles.text import CHOICE_LETTERS
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="pass@k of a model on document questions (jsonl: context, "
                                                  "question, answer, type)")
     parser.add_argument("--data", required=True, help="jsonl file of questions")
-    parser.add_argument("--model", default="smollm2-135m-instruct",
+    parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="model alias or local HF checkpoint folder, e.g. a run's checkpoint")
     parser.add_argument("--n", type=int, default=8, help="samples per question (default: 8)")
     parser.add_argument("--k", default="1,4,8", help="comma-separated k of pass@k, each <= n (default: 1,4,8)")

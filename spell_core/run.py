@@ -323,11 +323,13 @@ def _one_step(play, trainer, monitor, stop, number: int) -> dict:
               "questioner sample to contrast); no update", file=sys.stderr)
         return metrics | {"train_skipped": True, "train_skip_reason": "nothing trainable in this step"}
     stop.defer = True  # an optimizer step is never cut in half
+    began = time.perf_counter()
     try:
         with monitor.update(len(result.trajectories)):
             train = trainer.train_step(result.trajectories)
     finally:
         stop.defer = False
+    metrics["time_update_s"] = time.perf_counter() - began
     if train.get("skipped"):
         print(f"spell: step {number}: {train.get('skip_reason')}; the run continues", file=sys.stderr)
     return metrics | {f"train_{k}": v for k, v in train.items()}

@@ -52,7 +52,7 @@ def test_defaults_follow_spec():
     assert (config.sampling.temperature, config.sampling.top_p, config.sampling.top_k) == (0.7, 0.95, 0)
     assert config.sampling.max_response_tokens == 4096
     assert config.sampling.group_size == 8
-    assert config.model.name == "smollm2-135m-instruct" and config.data.corpus == "shakespeare"
+    assert config.model.name == "qwen2.5-coder-0.5b-instruct" and config.data.corpus == "shakespeare"
     assert config.to_dict()["cluster_budget"] == 16384 - 1024 - 4096
 
 

@@ -26,7 +26,7 @@ TIMING = ("time_", "step_time_s", "train_step_time_s")
 def assets(tmp_path_factory):
     from spell_core.assets import resolve_model
 
-    model = make_tiny_model(tmp_path_factory.mktemp("tiny-model"), resolve_model())
+    model = make_tiny_model(tmp_path_factory.mktemp("tiny-model"), resolve_model("smollm2-135m-instruct"))
     corpus = make_tiny_corpus(tmp_path_factory.mktemp("corpus") / "c")
     return model, corpus
 

@@ -22,7 +22,7 @@ def tiny_model(tmp_path_factory):
     parameter count and tokenizer as transformers reads them back."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    folder = make_tiny_model(tmp_path_factory.mktemp("tiny-model"), resolve_model())
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny-model"), resolve_model("smollm2-135m-instruct"))
     n_params = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(folder).parameters())
     return folder, n_params, AutoTokenizer.from_pretrained(folder)
 
