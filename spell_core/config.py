@@ -43,10 +43,13 @@ class ModelOptions:
 @dataclass
 class DataOptions:
     corpus: str = DEFAULT_CORPUS  # alias (see spell_core.assets) or folder of .txt/.md/.jsonl
-    ctx: int = 16 * 1024  # SPEC: training input 16K tokens
-    # room kept free in the context for the role prompt around the documents: instructions,
-    # per-document headers, history memory, the question
+    # SPEC: 16K tokens of documents per cluster; the instructions and the response come on top
+    ctx: int = 16 * 1024
+    # room for the role prompt around the documents (instructions, document tags, history
+    # memory, the question): the model's context must hold ctx + prompt_tokens + response
     prompt_tokens: int = 1024
+    # --tasks options: "TYPES" (whole corpus) or "PREFIX=TYPES"; see spell_core/task_types.py
+    tasks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -61,15 +64,18 @@ class SamplingOptions:
 @dataclass
 class LoopOptions:
     """One self-play step (SPEC.md, "What trains"); G itself is `SamplingOptions.group_size`."""
-    questions: int = 128  # questioner prompts per generation round
+    questions: int = 480  # questioner prompts per generation round (the released scripts)
     kept_groups: int = 128  # N: responder groups with non-zero reward variance to collect
-    max_rounds: int = 4  # cap on generation rounds per step when N is not reached
+    max_rounds: int = 10  # cap on generation rounds per step when N is not reached
     verifier_group_size: int | None = None  # judgments per responder answer; None: G
     negatives_ratio: float = 1.0  # questioner negatives per positive, per task type
     verifier_share: float = 1.0  # verifier trajectories ≈ this × questioner positives
     agreement_low: float = 0.51  # verifier groups kept when the share of judgments agreeing
     agreement_high: float = 0.99  # with the majority lies in [low, high]
     memory_capacity: int = 3  # L: questions remembered per (cluster, task type)
+    memory_admission: str = "released"  # r̄ in [0.01, 1] (released code); "paper": 0 < r̄ < 1
+    # passed to chat templates that take it (Qwen3's enable_thinking); None: the template's default
+    enable_thinking: bool | None = None
     new_documents: int = 5  # m: fresh documents shown to the questioner
     # new tokens per role; None: SamplingOptions.max_response_tokens
     questioner_tokens: int | None = None
@@ -94,21 +100,19 @@ class RunConfig:
 
     @property
     def cluster_budget(self) -> int:
-        """Tokens of documents a cluster may hold: the context minus the prompt and the answer."""
-        return cluster_budget(self.data.ctx, self.data.prompt_tokens, self.sampling.max_response_tokens)
+        """Tokens of documents a cluster may hold: `--ctx` itself (SPEC: ctx is the document budget)."""
+        return self.data.ctx
+
+    @property
+    def context_needed(self) -> int:
+        """Tokens the model's context must hold: documents + prompt room + the longest response."""
+        return context_needed(self.data.ctx, self.data.prompt_tokens, self.sampling.max_response_tokens)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "cluster_budget": self.cluster_budget}
+        return {**asdict(self), "cluster_budget": self.cluster_budget, "context_needed": self.context_needed}
 
 
-def cluster_budget(ctx: int, prompt_tokens: int, max_response_tokens: int) -> int:
-    """cluster budget = ctx − prompt_tokens − max_response_tokens (the responder's whole input
-    and output must fit the context)."""
-    budget = ctx - prompt_tokens - max_response_tokens
-    if budget <= 0:
-        raise ValueError(
-            f"a context of {ctx} tokens leaves no room for documents: it must exceed the prompt "
-            f"room ({prompt_tokens}) plus the maximum response ({max_response_tokens}) = "
-            f"{prompt_tokens + max_response_tokens} tokens; raise --ctx"
-        )
-    return budget
+def context_needed(ctx: int, prompt_tokens: int, max_response_tokens: int) -> int:
+    """ctx (documents) + prompt_tokens + max_response_tokens: the responder's whole input and
+    output; RoPE scaling extends a model whose native context is shorter."""
+    return ctx + prompt_tokens + max_response_tokens

@@ -6,15 +6,17 @@ path; hidden files and folders skipped):
   play is split into scenes (into acts when it has no scene headings); the text before the
   first heading (title, list of characters) is a document of its own. A `.md` file without
   play headings is split at its `#` / `##` headings. Anything else stays one document.
-- `.jsonl`: one document per line, `{"id": str|int, "text": str, "cluster": str|int?}`,
-  taken as they are (no splitting). Documents sharing a `cluster` value are related; without
-  it, the documents of one file are.
+- `.jsonl`: one document per line, `{"id": str|int, "text": str, "cluster": str|int?,
+  "tasks": [str]|str?, "data_source": str?}`, taken as they are (no splitting). Documents
+  sharing a `cluster` value are related; without it, the documents of one file are.
+  `tasks` (e.g. ["doc_math"] or "doc_qa,doc_mc") limits the task types asked of the document;
+  `data_source` names its source for `--tasks PREFIX=...` rules (spell_core/task_types.py).
 Text must be UTF-8 (a BOM is accepted): undecodable bytes are an error naming the file and
 the byte offset rather than silently replaced, so no question is ever asked about mojibake.
 
 `build_clusters(documents, tokenizer, budget_tokens)` groups related documents (same work,
 or same jsonl cluster) into clusters of consecutive documents whose token total fits the
-budget. Each group is cut into the fewest clusters possible, of balanced sizes. A document
+budget; documents with different task types never share a cluster. Each group is cut into the fewest clusters possible, of balanced sizes. A document
 longer than the budget is first split into consecutive pieces that fit, at paragraph
 boundaries (blank lines), else at line breaks, else at spaces, else inside the text; the
 pieces keep the document's place and get ids `<id>#1`, `<id>#2`, ….
@@ -26,6 +28,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from spell_core.roles.tasks import TASK_TYPES
+from spell_core.task_types import parse_types
 from spell_core.textfiles import jsonl_objects, read_utf8
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl")
@@ -42,6 +46,8 @@ class Document:
     source: str  # file (and line, for jsonl) it came from
     n_tokens: int | None = None  # filled in by count_tokens / build_clusters
     group: str = ""  # related documents share it: the work (file) or the jsonl cluster
+    data_source: str = ""  # source name for --tasks PREFIX=... rules: jsonl `data_source`, else the work
+    tasks: tuple[str, ...] | None = None  # task types it supports; None: decided by task_types.TaskRules
 
 
 @dataclass
@@ -49,6 +55,7 @@ class Cluster:
     id: str
     documents: list[Document] = field(default_factory=list)
     n_tokens: int = 0
+    tasks: tuple[str, ...] = TASK_TYPES  # the task types the questioner may ask of it (equal weight)
 
 
 # ------------------------------------------------------------------------------- loading
@@ -94,7 +101,7 @@ def _text_documents(path: Path, work: str, markdown: bool) -> list[Document]:
     if len(pieces) == 1 and markdown:
         pieces = _split_at_markdown_headings(text)
     return [
-        Document(id=f"{work}/{i:03d}", text=piece, source=str(path), group=work)
+        Document(id=f"{work}/{i:03d}", text=piece, source=str(path), group=work, data_source=work)
         for i, piece in enumerate(pieces)
     ]
 
@@ -113,7 +120,17 @@ def _jsonl_documents(path: Path, work: str) -> list[Document]:
         if cluster is not None and (not isinstance(cluster, (str, int)) or isinstance(cluster, bool)):
             raise CorpusError(f"{where}: 'cluster' must be a string or an integer, got {cluster!r}")
         group = work if cluster is None else str(cluster)
-        documents.append(Document(id=str(doc_id), text=text, source=where, group=group))
+        data_source = record.get("data_source", work)
+        if not isinstance(data_source, str):
+            raise CorpusError(f"{where}: 'data_source' must be a string, got {data_source!r}")
+        tasks = None
+        if record.get("tasks") is not None:
+            try:
+                tasks = parse_types(record["tasks"], f"{where}: 'tasks'")
+            except ValueError as err:
+                raise CorpusError(str(err)) from None
+        documents.append(Document(id=str(doc_id), text=text, source=where, group=group, data_source=data_source,
+                                  tasks=tasks))
     return documents
 
 
@@ -235,14 +252,18 @@ def build_clusters(documents: Sequence[Document], tokenizer, budget_tokens: int)
     for doc in documents:
         fitted += [doc] if doc.n_tokens <= budget_tokens else _split_document(doc, budget_tokens, count)
 
-    groups: dict[str, list[Document]] = {}
+    groups: dict[tuple[str, tuple[str, ...]], list[Document]] = {}
     for doc in fitted:
-        groups.setdefault(doc.group, []).append(doc)
+        groups.setdefault((doc.group, doc.tasks or TASK_TYPES), []).append(doc)
+    task_sets: dict[str, int] = {}
+    for group, _ in groups:
+        task_sets[group] = task_sets.get(group, 0) + 1
     clusters = []
-    for group, docs in groups.items():
+    for (group, tasks), docs in groups.items():
+        name = group if task_sets[group] == 1 else f"{group}[{'+'.join(tasks)}]"
         for k, part in enumerate(_balanced_partition([d.n_tokens for d in docs], budget_tokens)):
             members = [docs[i] for i in part]
-            clusters.append(Cluster(f"{group}#c{k}", members, sum(d.n_tokens for d in members)))
+            clusters.append(Cluster(f"{name}#c{k}", members, sum(d.n_tokens for d in members), tasks))
     return clusters
 
 

@@ -115,7 +115,7 @@ def evaluate(model, tokenizer, items: Sequence[EvalItem], *, n: int = 8, ks: Seq
                              "pass --ctx with a longer context (RoPE scaling) or shorten the context")
     with progress_bar("responder", len(prompts), n * len(prompts), enabled=progress) as hook:
         outputs = generate(model, tokenizer, prompts, n=n, seed=seed, progress=hook, **sampling)
-    answers = [[extract_answer(c.text) for c in out] for out in outputs]
+    answers = [[extract_answer(c.text, item.task.task_type) for c in out] for item, out in zip(items, outputs)]
     rules = [[rule_reward(item.task, a) for a in row] for item, row in zip(items, answers)]
     scores = rules
     if verifier:

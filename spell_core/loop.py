@@ -33,7 +33,7 @@ from spell_core.memory import HistoryMemory, MemoryEntry, evidence_ids
 from spell_core.roles import (TASK_TYPES, Status, answered_without_documents, build_grounding_prompt,
                               build_questioner_prompt, build_responder_prompt, build_verifier_prompt, extract_answer,
                               parse_questioner_output, parse_verdict, questioner_reward, responder_reward, rule_reward,
-                              token_counter, verifier_majority, verifier_rewards)
+                              thinking_template_kwargs, token_counter, verifier_majority, verifier_rewards)
 from spell_core.rollout import Question, ResponderGroup, Sample, VerifierGroup
 from spell_core.selection import (kept_responder_groups, select_questions, select_verifier_groups,
                                   verifier_candidates)
@@ -71,13 +71,15 @@ class SelfPlay:
         self.config = config = config or RunConfig()
         self.options = config.loop
         _check_options(config)
-        self.memory = HistoryMemory(self.options.memory_capacity, self.options.new_documents)
+        self.memory = HistoryMemory(self.options.memory_capacity, self.options.new_documents,
+                                    self.options.memory_admission)
         self.rng = random.Random(config.seed)
         self.steps_done = 0
         self._generate_fn = generate
         self.observer = observer or _NoProgress()
         self.should_stop = should_stop or (lambda: False)
         self._count_tokens = token_counter(tokenizer)
+        self._template = thinking_template_kwargs(tokenizer, self.options.enable_thinking)
 
     @property
     def _ctx(self) -> int:
@@ -126,10 +128,12 @@ class SelfPlay:
         """Questioner: one sample per (cluster, task type) drawn; parsed into tasks."""
         picks, shown, prompts = [], [], []
         for _ in range(self.options.questions):
-            cluster, task_type = self.rng.choice(self.clusters), self.rng.choice(TASK_TYPES)
+            cluster = self.rng.choice(self.clusters)
+            task_type = self.rng.choice(tuple(getattr(cluster, "tasks", TASK_TYPES)))  # equal weight
             documents = self.memory.select_documents(cluster, task_type, self.rng)
             history = self.memory.entries(cluster.id, task_type)
-            prompt = build_questioner_prompt(self.tokenizer, documents, task_type, history).input_ids
+            prompt = build_questioner_prompt(self.tokenizer, documents, task_type, history,
+                                             template_kwargs=self._template).input_ids
             if len(prompt) >= self._ctx:  # only with very long remembered questions: skip the pick
                 stats.too_long += 1
                 continue
@@ -148,7 +152,7 @@ class SelfPlay:
 
     def _ground(self, questions: list[Question], stats: "_StepStats") -> None:
         """Grounding filter: a question the model answers right without the documents is bad_ground."""
-        prompts = [build_grounding_prompt(self.tokenizer, q.task).input_ids for q in questions]
+        prompts = [build_grounding_prompt(self.tokenizer, q.task, template_kwargs=self._template).input_ids for q in questions]
         for q, out in zip(questions, self._generate("grounding", prompts, 1, self.options.grounding_tokens, stats)):
             if answered_without_documents(q.task, out[0].text):
                 q.status, q.reason = Status.BAD_GROUND, "answered correctly without the documents"
@@ -158,7 +162,8 @@ class SelfPlay:
         g = self.config.sampling.group_size
         prompts = []
         for q in questions:
-            prompt = build_responder_prompt(self.tokenizer, clusters[q.id].documents, q.task).input_ids
+            prompt = build_responder_prompt(self.tokenizer, clusters[q.id].documents, q.task,
+                                            template_kwargs=self._template).input_ids
             if len(prompt) >= self._ctx:  # a question so long that documents + question overflow
                 q.status, q.reason = Status.DISCARDED, f"responder prompt longer than the context ({self._ctx})"
                 stats.too_long += 1
@@ -166,7 +171,7 @@ class SelfPlay:
         fitting = [(q, p) for q, p in zip(questions, prompts) if q.status == Status.OK]
         outputs = self._generate("responder", [p for _, p in fitting], g, self.options.responder_tokens, stats)
         for (q, prompt), samples in zip(fitting, outputs):
-            answers = [extract_answer(s.text) for s in samples]
+            answers = [extract_answer(s.text, q.task.task_type) for s in samples]
             rules = [rule_reward(q.task, a) for a in answers]
             q.responder = ResponderGroup(q.id, prompt, samples, answers, rules, [None] * g, list(rules))
 
@@ -174,7 +179,8 @@ class SelfPlay:
         """Verifier: G judgments of every parsable answer (question, answer, reference; no documents)."""
         g = self.options.verifier_group_size or self.config.sampling.group_size
         judged = [(q, j) for q in questions for j, a in enumerate(q.responder.answers) if a is not None]
-        prompts = [build_verifier_prompt(self.tokenizer, q.task, q.responder.answers[j]).input_ids for q, j in judged]
+        prompts = [build_verifier_prompt(self.tokenizer, q.task, q.responder.answers[j],
+                                         template_kwargs=self._template).input_ids for q, j in judged]
         for (q, j), prompt, samples in zip(judged, prompts, self._generate("verifier", prompts, g,
                                                                              self.options.verifier_tokens, stats)):
             verdicts = [parse_verdict(s.text) for s in samples]

@@ -1,7 +1,9 @@
 """History memory and document curriculum (SPEC.md, "History memory and document curriculum").
 
-Per (cluster, task type) a queue of the last `capacity` (L = 3) questions that were neither
-too easy nor too hard (mean responder reward strictly between 0 and 1). The questioner of
+Per (cluster, task type) a queue of the last `capacity` (L = 3) questions admitted by the
+admission rule on their mean responder reward r̄: "released" (the default, the method's
+released code) admits 0.01 <= r̄ <= 1.0, so questions every answer got right enter too;
+"paper" (the paper's text) admits 0 < r̄ < 1. The questioner of
 that (cluster, task type) sees the documents of those questions plus `new_documents`
 (m = 5) documents of the cluster it has not seen in memory yet, in the cluster's order,
 so each success grows the context by about m documents.
@@ -35,15 +37,27 @@ class MemoryEntry:
         return cls(tuple(data["evidence_ids"]), data["question"], data["answer"], data.get("options"))
 
 
-def enters_memory(group_reward: float) -> bool:
-    """A question enters the memory when its responder group reward is strictly in (0, 1)."""
-    return 0.0 < group_reward < 1.0
+MEMORY_ADMISSIONS = ("released", "paper")
+RELEASED_ADMISSION_LOW = 0.01
+
+
+def enters_memory(group_reward: float, admission: str = "released") -> bool:
+    """Whether a question with mean responder reward `group_reward` enters the memory:
+    "released": 0.01 <= r̄ <= 1.0; "paper": 0 < r̄ < 1."""
+    if admission == "released":
+        return RELEASED_ADMISSION_LOW <= group_reward <= 1.0
+    if admission == "paper":
+        return 0.0 < group_reward < 1.0
+    raise ValueError(f"unknown memory admission rule {admission!r}; expected one of {', '.join(MEMORY_ADMISSIONS)}")
 
 
 class HistoryMemory:
-    def __init__(self, capacity: int = MEMORY_CAPACITY, new_documents: int = NEW_DOCUMENTS):
+    def __init__(self, capacity: int = MEMORY_CAPACITY, new_documents: int = NEW_DOCUMENTS,
+                 admission: str = "released"):
         if capacity < 0 or new_documents < 1:
             raise ValueError(f"need capacity >= 0 and new_documents >= 1, got {capacity}, {new_documents}")
+        enters_memory(0.5, admission)  # an unknown rule fails here, not at the first record
+        self.admission = admission
         self.capacity = capacity
         self.new_documents = new_documents
         self._queues: dict[tuple[Hashable, str], deque[MemoryEntry]] = {}
@@ -66,9 +80,9 @@ class HistoryMemory:
         return [d for d in cluster.documents if d.id in remembered or d.id in chosen]
 
     def record(self, cluster_id: Hashable, task_type: str, entry: MemoryEntry, group_reward: float) -> bool:
-        """Remember `entry` if its group reward is strictly between 0 and 1 (the oldest
-        entry leaves when the queue is full). Returns whether it entered."""
-        if not enters_memory(group_reward) or self.capacity == 0:
+        """Remember `entry` if the admission rule admits its group reward (the oldest entry
+        leaves when the queue is full). Returns whether it entered."""
+        if not enters_memory(group_reward, self.admission) or self.capacity == 0:
             return False
         key = (cluster_id, task_type)
         queue = self._queues.setdefault(key, deque(maxlen=self.capacity))
@@ -85,6 +99,7 @@ class HistoryMemory:
         return {
             "capacity": self.capacity,
             "new_documents": self.new_documents,
+            "admission": self.admission,
             "queues": [
                 {"cluster_id": cluster_id, "task_type": task_type, "entries": [e.to_dict() for e in queue]}
                 for (cluster_id, task_type), queue in self._queues.items() if queue
@@ -93,7 +108,7 @@ class HistoryMemory:
 
     @classmethod
     def from_dict(cls, data: dict) -> "HistoryMemory":
-        memory = cls(data["capacity"], data["new_documents"])
+        memory = cls(data["capacity"], data["new_documents"], data.get("admission", "released"))
         for record in data["queues"]:
             queue = deque((MemoryEntry.from_dict(e) for e in record["entries"]), maxlen=memory.capacity)
             memory._queues[(record["cluster_id"], record["task_type"])] = queue

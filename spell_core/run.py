@@ -9,6 +9,7 @@ running optimizer step finish), save, and exit; a second signal stops at once.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import signal
 import statistics
@@ -21,12 +22,14 @@ from spell_core.assets import AssetError
 from spell_core.config import DataOptions, LoopOptions, ModelOptions, RunConfig, SamplingOptions, parse_ctx
 from spell_core.data import CorpusError
 
-# SPEC.md's scale (one GPU) and the reduced defaults that let `make run` finish a real step on
-# a 2-core CPU in about ten minutes with the embedded 135M model
-GPU_DEFAULTS = dict(ctx=16 * 1024, steps=70, questions=128, kept_groups=128, max_rounds=4, group_size=8,
+# SPEC.md's scale (one GPU: 480 questions a round, at most 10 rounds, N = 128 kept groups) and
+# the reduced defaults that let `make run` finish a real step on a 2-core CPU in minutes.
+# ctx is the document budget of a cluster (the prompt and the response come on top).
+GPU_DEFAULTS = dict(ctx=16 * 1024, steps=70, questions=480, kept_groups=128, max_rounds=10, group_size=8,
                     max_new_tokens=4096, micro_batch_tokens=32768, save_every=10)
-CPU_DEFAULTS = dict(ctx=2 * 1024, steps=1, questions=8, kept_groups=8, max_rounds=1, group_size=4,
+CPU_DEFAULTS = dict(ctx=1024, steps=1, questions=8, kept_groups=8, max_rounds=1, group_size=4,
                     max_new_tokens=192, micro_batch_tokens=8192, save_every=1)
+THINKING_MAX_NEW_TOKENS = 20 * 1024  # SPEC: 20k-token responses for reasoning models (GPU default)
 KNOBS = ("ctx", "steps", "questions", "kept_groups", "max_rounds", "group_size", "max_new_tokens",
          "micro_batch_tokens", "save_every")
 
@@ -43,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         return f"{GPU_DEFAULTS[key]} / {CPU_DEFAULTS[key]}"
 
     parser.add_argument("--ctx", type=_ctx_argument, default=None,
-                        help="* context length in tokens (documents are clustered to fit it): 16k, 128k, 131072, 1m "
-                             "(default: 16k / 2k); RoPE scaling when longer than the model's native context")
+                        help="* document budget per cluster in tokens: 16k, 128k, 131072, 1m (default: 16k / 1k); "
+                             "the instructions and the response come on top, and RoPE scaling (YaRN) extends the "
+                             "model only when its native context cannot hold ctx + prompt + response")
     parser.add_argument("--model", default=defaults.model.name,
                         help=f"model alias or local Hugging Face checkpoint folder (default: {defaults.model.name})")
     parser.add_argument("--corpus", default=defaults.data.corpus,
@@ -80,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--questioner-reward", choices=("gaussian", "linear", "triangle"), default="gaussian",
                         help="questioner reward: SPELL's gaussian, or the ablations linear (1 - r) and "
                              "triangle (1 - 2|r - 0.5|) (default: gaussian)")
+    _add_method_options(parser)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--threads", type=_count(0), default=None,
                         help="CPU threads of torch; 0: torch's default, one per core (default: 1 on a CPU run, "
@@ -93,6 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="under torchrun: collective timeout, and how long a rank may hang before the others "
                              "exit naming it (a dead rank is noticed within min(60, this)) (default: 600)")
     return parser
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    """SPELL's switches (SPEC.md): task types per corpus, memory admission, PPO clips, thinking."""
+    parser.add_argument("--tasks", action="append", default=None, metavar="[PREFIX=]TYPES",
+                        help="task types asked of the documents, from doc_qa, doc_math, doc_mc: TYPES for the whole "
+                             "corpus (e.g. doc_qa,doc_mc), PREFIX=TYPES for documents whose source name (jsonl "
+                             "data_source, else file path) starts with PREFIX; repeatable. A jsonl field 'tasks' "
+                             "wins; built in: docmath=doc_math, ultrafineweb=doc_qa,doc_mc; else all three")
+    parser.add_argument("--memory-admission", choices=("released", "paper"), default="released",
+                        help="which questions enter the history memory by mean responder reward r: released "
+                             "(the method's code: 0.01 <= r <= 1) or paper (0 < r < 1) (default: released)")
+    parser.add_argument("--clip-low", type=float, default=0.2, help="PPO ratio clip below 1 (default: 0.2)")
+    parser.add_argument("--clip-high", type=float, default=0.2, help="PPO ratio clip above 1 (default: 0.2)")
+    parser.add_argument("--dual-clip", type=float, default=3.0,
+                        help="dual clip c > 1: the loss of a negative-advantage token is at most -A c; 0: off "
+                             "(default: 3)")
+    parser.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
+                        help="pass enable_thinking to chat templates that take it (Qwen3); with it on, a GPU run's "
+                             f"responses default to {THINKING_MAX_NEW_TOKENS} tokens (default: the template's own)")
 
 
 def _ctx_argument(text: str) -> int:
@@ -141,8 +166,19 @@ def _resolve_device(device: str) -> str:
 def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
     """The run configuration and the parsed arguments; device-dependent options that were not
     given take the GPU or CPU defaults (`args.reduced` lists the CPU ones that were used)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        from spell_core.task_types import TaskRules
+
+        args.task_rules = TaskRules.parse(args.tasks)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.dual_clip and args.dual_clip <= 1:
+        parser.error(f"--dual-clip must be > 1 (or 0: off), got {args.dual_clip}")
     device = _resolve_device(args.device)
+    if args.enable_thinking and args.max_new_tokens is None and device.startswith("cuda"):
+        args.max_new_tokens = THINKING_MAX_NEW_TOKENS
     table = GPU_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
     args.reduced = []
     if args.threads is None:
@@ -154,10 +190,11 @@ def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse
                 args.reduced.append(key)
     config = RunConfig(
         model=ModelOptions(name=args.model, device=device),
-        data=DataOptions(corpus=args.corpus, ctx=args.ctx),
+        data=DataOptions(corpus=args.corpus, ctx=args.ctx, tasks=list(args.tasks or [])),
         sampling=SamplingOptions(max_response_tokens=args.max_new_tokens, group_size=args.group_size),
         loop=LoopOptions(questions=args.questions, kept_groups=args.kept_groups, max_rounds=args.max_rounds,
-                         questioner_reward=args.questioner_reward, kv_budget_tokens=args.kv_budget_tokens),
+                         questioner_reward=args.questioner_reward, kv_budget_tokens=args.kv_budget_tokens,
+                         memory_admission=args.memory_admission, enable_thinking=args.enable_thinking),
         out=args.out,
         seed=args.seed,
         steps=args.steps,
@@ -170,7 +207,8 @@ def trainer_options(config: RunConfig, args: argparse.Namespace):
     from spell_core.trainer import TrainerOptions
 
     options = TrainerOptions(micro_batch_tokens=args.micro_batch_tokens, temperature=config.sampling.temperature,
-                             gradient_checkpointing=args.gradient_checkpointing)
+                             gradient_checkpointing=args.gradient_checkpointing, clip_low=args.clip_low,
+                             clip_high=args.clip_high, dual_clip=args.dual_clip or None)
     if args.lr is not None:
         options.lr = args.lr
     return options
@@ -178,11 +216,7 @@ def trainer_options(config: RunConfig, args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     config, args = config_from_args(argv)
-    parser = build_parser()
-    try:
-        budget = config.cluster_budget
-    except ValueError as err:
-        parser.error(str(err))  # exits with status 2
+    budget = config.cluster_budget
     train_options = trainer_options(config, args)
     print("spell: resolved configuration")
     for key, value in _flatten({**config.to_dict(), "trainer": asdict(train_options)}):
@@ -400,6 +434,7 @@ def _load_model_and_documents(config: RunConfig, budget: int):
     from spell_core.data import build_clusters, load_documents
     from spell_core.model import load_pretrained
     from spell_core.rope import with_rope_scaling
+    from spell_core.task_types import TaskRules
 
     device = config.model.device
     start = time.perf_counter()
@@ -411,17 +446,18 @@ def _load_model_and_documents(config: RunConfig, budget: int):
           f"{next(model.parameters()).dtype}, {device}; loaded in {time.perf_counter() - start:.1f} s)")
     print(f"parameters  {n_params:,} ({n_params / 1e6:.1f} M)")
     print(f"vocabulary  {model.config.vocab_size:,} (tokenizer: {len(tokenizer):,} tokens)")
-    if config.data.ctx > native_ctx:
-        model.config = with_rope_scaling(model.config, config.data.ctx)
+    needed = config.context_needed  # documents + prompt room + response
+    if needed > native_ctx:
+        model.config = with_rope_scaling(model.config, needed)
         rope = model.config.rope
-        print(f"native ctx  {native_ctx:,} tokens (--ctx {config.data.ctx:,} is longer: RoPE scaling applied, "
-              f"{rope['rope_type']} factor {rope['factor']:.2f})")
+        print(f"native ctx  {native_ctx:,} tokens; --ctx {config.data.ctx:,} + prompt + response need {needed:,}: "
+              f"RoPE scaling applied, {rope['rope_type']} factor {rope['factor']:.2f}")
     else:
-        print(f"native ctx  {native_ctx:,} tokens")
+        print(f"native ctx  {native_ctx:,} tokens (holds --ctx {config.data.ctx:,} + prompt + response = {needed:,})")
 
     start = time.perf_counter()
     corpus_path = resolve_corpus(config.data.corpus)
-    documents = load_documents(corpus_path)
+    documents = TaskRules.parse(config.data.tasks).apply(load_documents(corpus_path))
     clusters = build_clusters(documents, tokenizer, budget)
     sizes = [cluster.n_tokens for cluster in clusters]
     n_works = len({doc.group for doc in documents})
@@ -429,9 +465,10 @@ def _load_model_and_documents(config: RunConfig, budget: int):
     split_note = f" ({n_pieces:,} once those over the budget are split)" if n_pieces != len(documents) else ""
     print(f"documents   {len(documents):,}{split_note} from {n_works:,} works, "
           f"{sum(doc.n_tokens for doc in documents):,} tokens, in {corpus_path}")
-    print(f"clusters    {len(clusters):,}, at most {budget:,} tokens each (ctx {config.data.ctx:,} − prompt "
-          f"{config.data.prompt_tokens:,} − response {config.sampling.max_response_tokens:,}); "
+    print(f"clusters    {len(clusters):,}, at most {budget:,} tokens of documents each (--ctx); "
           f"built in {time.perf_counter() - start:.1f} s")
+    kinds = collections.Counter(",".join(cluster.tasks) for cluster in clusters)
+    print("task types  " + "; ".join(f"{types}: {n:,} clusters" for types, n in kinds.most_common()))
     print(f"tokens per cluster  min {min(sizes):,}  median {statistics.median(sizes):,.0f}  max {max(sizes):,}")
     return model, tokenizer, clusters
 

@@ -54,9 +54,9 @@ class TrainerOptions:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float | None = 1.0  # max global L2 norm of the gradient; None: no clipping
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    dual_clip: float | None = None
+    clip_low: float = 0.2  # ratio clip 1 - 0.2 .. 1 + 0.2 (the released scripts)
+    clip_high: float = 0.2
+    dual_clip: float | None = 3.0  # for A < 0 the loss is at most -A * 3 (dual clip); None: off
     agg: str = "token-mean"  # over all roles' tokens together (DAPO); see spell_kernels.policy_loss
     temperature: float = 0.7  # the sampling temperature: log-probs are scored at the one they were sampled at
     micro_batch_tokens: int = 32768  # packed tokens per forward/backward pass

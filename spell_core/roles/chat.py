@@ -96,6 +96,15 @@ def render_prompt(tokenizer, shared: str, specific: str, *, template_kwargs: dic
     return Prompt(messages=messages, text=text, input_ids=input_ids, prefix_len=prefix_len)
 
 
+def thinking_template_kwargs(tokenizer, enable_thinking: bool | None) -> dict:
+    """`{"enable_thinking": enable_thinking}` for a chat template that reads that variable
+    (Qwen3's); {} when it is None (the template's own default) or the template ignores it."""
+    template = getattr(tokenizer, "chat_template", None)
+    if enable_thinking is None or not isinstance(template, str) or "enable_thinking" not in template:
+        return {}
+    return {"enable_thinking": bool(enable_thinking)}
+
+
 def token_counter(tokenizer) -> Callable[[str], int]:
     """`count(text)` = number of tokens of `text` alone (for the span-length rule)."""
     return lambda text: len(_encode(tokenizer, text))

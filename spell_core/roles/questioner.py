@@ -53,7 +53,7 @@ def _history_block(history: Sequence) -> str:
     for i, entry in enumerate(history, 1):
         lines.append(f"\nExample {i}:\nQuestion: {entry.question}")
         for letter, text in (getattr(entry, "options", None) or {}).items():
-            lines.append(f"{letter}. {text}")
+            lines.append(f"({letter}) {text}")
         lines.append(f"Answer: {entry.answer}")
     lines.append(
         "\nYour question must be harder than every example above and must ask about "

@@ -1,38 +1,38 @@
 """Responder: the prompt (all documents of the cluster, then the question), the grounding
-prompt (the question alone), and the extraction of the final answer."""
+prompt (the question alone); the answer extraction lives in answers.py."""
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
+from .answers import extract_answer
 from .chat import Prompt, render_documents, render_prompt
 from .rewards import rule_reward
 from .tasks import DOC_MATH, DOC_MC, Task
-from .text import clean_answer, strip_thinking
 
 _INTRO = "Below are documents, followed by a question about them. Read them closely.\n\n"
 
-_ANSWER_FORMATS = {
-    "doc_qa": "Give the answer as a short phrase.",
-    DOC_MATH: "Give the answer as a single number.",
-    DOC_MC: "Give the answer as the letter of the correct option.",
+# the closing sentence each task type asks for (SPEC.md, "Responder"); extraction looks for it
+_ANSWER_SENTENCES = {
+    "doc_qa": ('Think step by step, then end your response with the sentence "The correct answer is '
+               '<answer>", where <answer> is a short phrase (a name, a date, a number or a few words).'),
+    DOC_MATH: ('Think step by step, then end your response with the sentence "Therefore, the answer is '
+               '<number>", where <number> is a single number without units.'),
+    DOC_MC: ('Think step by step, then end your response with the sentence "The correct answer is (X)", '
+             'where X is the letter of the correct choice.'),
 }
 
 
 def render_question(task: Task) -> str:
-    """The question as every role sees it; multiple choice with its options A-D."""
+    """The question as every role sees it; multiple choice LongBench-v2 style: the question,
+    then "Choices:" and one "(A) ..." line per option."""
     if task.task_type != DOC_MC or not task.options:
         return task.question
-    options = "\n".join(f"{letter}. {text}" for letter, text in task.options.items())
-    return f"{task.question}\n{options}"
+    choices = "\n".join(f"({letter}) {text}" for letter, text in task.options.items())
+    return f"{task.question}\n\nChoices:\n{choices}"
 
 
 def _question_block(task: Task) -> str:
-    return (
-        f"Question: {render_question(task)}\n\n"
-        f"Think step by step, then finish with a line of the form \"The answer is ...\". "
-        f"{_ANSWER_FORMATS[task.task_type]}"
-    )
+    return f"Question: {render_question(task)}\n\n{_ANSWER_SENTENCES[task.task_type]}"
 
 
 def build_responder_prompt(tokenizer, documents: Sequence, task: Task, *,
@@ -52,24 +52,7 @@ def build_grounding_prompt(tokenizer, task: Task, *, template_kwargs: dict | Non
     return render_prompt(tokenizer, "", _question_block(task), template_kwargs=template_kwargs)
 
 
-_ANSWER_IS = re.compile(r"the\s+answer\s+is", re.IGNORECASE)
-
-
-def extract_answer(text: str) -> str | None:
-    """The responder's final answer: the cleaned text after the last "the answer is"
-    (any case) in the part after the reasoning trace. None (unparsable) when the phrase
-    is missing, the answer is empty, or the output ends inside an unclosed `<think>`."""
-    final = strip_thinking(text)
-    if final is None:
-        return None
-    matches = list(_ANSWER_IS.finditer(final))
-    if not matches:
-        return None
-    answer = clean_answer(final[matches[-1].end():])
-    return answer or None
-
-
 def answered_without_documents(task: Task, grounding_output: str) -> bool:
     """The grounding filter: True (the question is `bad_ground`) when the answer the model
     gave with no documents earns rule reward 1."""
-    return rule_reward(task, extract_answer(grounding_output)) == 1.0
+    return rule_reward(task, extract_answer(grounding_output, task.task_type)) == 1.0

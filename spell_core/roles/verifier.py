@@ -27,7 +27,7 @@ def build_verifier_prompt(tokenizer, task: Task, answer: str, *, template_kwargs
     """The verifier's prompt for one extracted responder `answer` to `task`."""
     reference = task.answer
     if task.task_type == DOC_MC and task.options and reference in task.options:
-        reference = f"{reference}. {task.options[reference]}"
+        reference = f"({reference}) {task.options[reference]}"
     specific = (
         f"Question: {render_question(task)}\n\n"
         f"Reference answer: {reference}\n\n"

@@ -156,11 +156,11 @@ def random_play(role, text, i, j, rng):
         known = role == "responder" and rng.random() < 0.5 or role == "grounding" and rng.random() < 0.1
         # the reference answer is unknown here: answer with every type's right (or wrong) value
         values = RIGHT if known else WRONG
-        kind = "doc_mc" if "\nA. " in text else "doc_math" if "single number" in text else "doc_qa"
+        kind = "doc_mc" if "\n(A) " in text else "doc_math" if "single number" in text else "doc_qa"
         return f"I read it. The answer is {values[kind]}"
     reference = re.search(r"Reference answer: (.*)", text).group(1).strip()
     answer = re.search(r"Answer to grade: (.*)", text).group(1).strip()
-    correct = reference.split(".")[0] == answer or reference == answer
+    correct = reference == answer or reference.startswith(f"({answer}) ")  # MC reference: "(B) text"
     draw = rng.random()
     if draw < 0.1:
         return "I cannot decide."

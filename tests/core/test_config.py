@@ -1,7 +1,7 @@
 """Run configuration: `--ctx` parsing, the cluster budget formula, SPEC.md's defaults."""
 import pytest
 
-from spell_core.config import RunConfig, cluster_budget, parse_ctx
+from spell_core.config import RunConfig, context_needed, parse_ctx
 
 
 @pytest.mark.parametrize(
@@ -34,16 +34,12 @@ def test_parse_ctx_rejects_non_positive(text):
         parse_ctx(text)
 
 
-def test_cluster_budget_is_ctx_minus_prompt_minus_response():
-    assert cluster_budget(16384, 1024, 4096) == 11264
+def test_ctx_is_the_document_budget_and_prompt_and_response_come_on_top():
+    assert context_needed(16384, 1024, 4096) == 21504  # by hand: 16384 + 1024 + 4096
     config = RunConfig()
     config.data.ctx = 131072
-    assert config.cluster_budget == 131072 - config.data.prompt_tokens - config.sampling.max_response_tokens
-
-
-def test_cluster_budget_without_room_says_how_much_is_needed():
-    with pytest.raises(ValueError, match=r"4096 tokens leaves no room.*1024.*4096.*= 5120 tokens; raise --ctx"):
-        cluster_budget(4096, 1024, 4096)
+    assert config.cluster_budget == 131072
+    assert config.context_needed == 131072 + 1024 + 4096
 
 
 def test_defaults_follow_spec():
@@ -53,7 +49,9 @@ def test_defaults_follow_spec():
     assert config.sampling.max_response_tokens == 4096
     assert config.sampling.group_size == 8
     assert config.model.name == "qwen2.5-coder-0.5b-instruct" and config.data.corpus == "shakespeare"
-    assert config.to_dict()["cluster_budget"] == 16384 - 1024 - 4096
+    assert config.to_dict()["cluster_budget"] == 16384 and config.to_dict()["context_needed"] == 21504
+    assert (config.loop.questions, config.loop.max_rounds, config.loop.kept_groups) == (480, 10, 128)
+    assert config.loop.memory_admission == "released" and config.loop.enable_thinking is None
 
 
 def test_sections_are_independent_between_instances():

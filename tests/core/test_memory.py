@@ -39,13 +39,25 @@ def test_context_grows_by_m_documents_per_success():
     assert ids(memory.select_documents(c, "doc_qa")) == [f"d{i}" for i in range(12)]  # cluster exhausted
 
 
-@pytest.mark.parametrize("group_reward, enters", [(0.0, False), (1.0, False), (0.125, True), (0.875, True),
-                                                  (0.5, True)])
-def test_only_strictly_intermediate_group_rewards_enter(group_reward, enters):
-    memory = HistoryMemory()
-    assert enters_memory(group_reward) is enters
+# worked by hand: "released" admits [0.01, 1.0] (all-right questions too), "paper" admits (0, 1)
+@pytest.mark.parametrize("admission, group_reward, enters", [
+    ("paper", 0.0, False), ("paper", 1.0, False), ("paper", 0.125, True), ("paper", 0.875, True),
+    ("paper", 0.005, True),
+    ("released", 0.0, False), ("released", 0.005, False), ("released", 0.01, True), ("released", 0.125, True),
+    ("released", 1.0, True),
+])
+def test_memory_admission_rules(admission, group_reward, enters):
+    memory = HistoryMemory(admission=admission)
+    assert enters_memory(group_reward, admission) is enters
     assert memory.record("c0", "doc_qa", entry(["d0"], 1), group_reward) is enters
     assert len(memory.entries("c0", "doc_qa")) == int(enters)
+
+
+def test_released_admission_is_the_default_and_survives_a_checkpoint():
+    assert HistoryMemory().admission == "released"
+    assert HistoryMemory.from_dict(HistoryMemory(admission="paper").to_dict()).admission == "paper"
+    with pytest.raises(ValueError, match="released, paper"):
+        HistoryMemory(admission="strict")
 
 
 def test_queue_keeps_the_last_L_entries():

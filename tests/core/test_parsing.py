@@ -1,7 +1,7 @@
 """Parsing of the three roles' outputs against hand-written model outputs."""
 import pytest
 
-from spell_core.roles import (DOC_MATH, DOC_MC, DOC_QA, Status, Task, extract_answer, parse_number,
+from spell_core.roles import (DOC_MATH, DOC_MC, DOC_QA, Status, Task, parse_number,
                               parse_questioner_output, parse_verdict, strip_thinking)
 
 
@@ -160,38 +160,7 @@ def test_doc_mc_answer_letter_is_normalised():
     assert parse_questioner_output(fenced(body), DOC_MC).task.answer == "B"
 
 
-# --- responder -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("Macbeth did it. The answer is Macbeth.", "Macbeth"),
-    ("the answer is macbeth", "macbeth"),
-    ("THE ANSWER IS: Macbeth", "Macbeth"),
-    ("The answer is **Macbeth**.", "Macbeth"),
-    ("**The answer is Macbeth.**", "Macbeth"),
-    ("The answer is $\\boxed{42}$.", "42"),
-    ("The answer is \\boxed{\\frac{3}{4}}", "\\frac{3}{4}"),
-    ("The answer is (B).", "(B)"),
-    ("At first the answer is Banquo, but no: the answer is Macbeth.", "Macbeth"),  # the last one
-    ("The answer\nis Macbeth", "Macbeth"),  # line break inside the phrase
-    ("The answer is:\n\nMacbeth\n\nBecause he wanted the crown.", "Macbeth"),  # first line of the answer
-    ("<think>the answer is Banquo</think>The answer is Macbeth.", "Macbeth"),
-    ("U.S. The answer is U.S.", "U.S"),  # a trailing period goes, inner ones stay
-])
-def test_extract_answer(text, expected):
-    assert extract_answer(text) == expected
-
-
-@pytest.mark.parametrize("text", [
-    "Macbeth.",  # no phrase
-    "",
-    "The answer is",  # nothing after it
-    "The answer is **.**",
-    "<think>the answer is Banquo",  # only inside an unclosed reasoning trace
-    "<think>the answer is Banquo</think> I am not sure.",  # only inside the reasoning
-])
-def test_unparsable_answers(text):
-    assert extract_answer(text) is None
+# --- responder: tests/core/test_answers.py ----------------------------------------------
 
 
 # --- verifier -----------------------------------------------------------------------------

@@ -64,9 +64,19 @@ def test_responder_prompt_documents_first_question_last(tokenizer):
     assert_consistent(tokenizer, prompt)
     positions = [prompt.text.index(d) for d in DOCUMENTS] + [prompt.text.index(MC_TASK.question)]
     assert positions == sorted(positions)  # documents in order, then the question
-    for line in ("A. Banquo", "B. Duncan", "C. Fleance", "D. Macduff"):
-        assert line in prompt.text
-    assert "the answer is" in prompt.text.lower()
+    # LongBench-v2 style choices, and the closing sentence SPEC asks for
+    assert f"{MC_TASK.question}\n\nChoices:\n(A) Banquo\n(B) Duncan\n(C) Fleance\n(D) Macduff\n" in prompt.text
+    assert 'end your response with the sentence "The correct answer is (X)"' in prompt.text
+
+
+@pytest.mark.parametrize("task, sentence", [
+    (Task(DOC_QA, "Who?", "Macbeth"), '"The correct answer is <answer>"'),
+    (Task(DOC_MATH, "How many?", "3"), '"Therefore, the answer is <number>"'),
+])
+def test_responder_prompt_asks_for_the_answer_sentence(tokenizer, task, sentence):
+    for prompt in (build_responder_prompt(tokenizer, DOCUMENTS, task), build_grounding_prompt(tokenizer, task)):
+        assert f"end your response with the sentence {sentence}" in prompt.text
+        assert "Choices:" not in prompt.text
 
 
 def test_responder_prompts_share_the_whole_document_prefix(tokenizer):
@@ -119,7 +129,7 @@ def test_documents_may_be_objects_with_text(tokenizer):
 def test_grounding_prompt_has_the_question_and_no_documents(tokenizer):
     prompt = build_grounding_prompt(tokenizer, MC_TASK)
     assert_consistent(tokenizer, prompt)
-    assert MC_TASK.question in prompt.text and "C. Fleance" in prompt.text
+    assert MC_TASK.question in prompt.text and "\n(C) Fleance\n" in prompt.text
     assert not any(d in prompt.text for d in DOCUMENTS)
     assert "<document>" not in prompt.text
     assert prompt.prefix_len == 0
@@ -156,7 +166,7 @@ def test_questioner_prompt_with_history_demands_a_harder_different_question(toke
     assert_consistent(tokenizer, prompt)
     text = prompt.text
     assert "Example 1:\nQuestion: Who meets the witches?\nAnswer: Macbeth" in text
-    assert "Example 2:" in text and "B. Macbeth's" in text
+    assert "Example 2:" in text and "(B) Macbeth's" in text
     assert "harder" in text and "different" in text
     assert text.index(DOCUMENTS[-1]) < text.index("Example 1") < text.index("```json")
 
@@ -175,8 +185,8 @@ def test_verifier_prompt_has_question_answer_reference_and_no_documents(tokenize
     prompt = build_verifier_prompt(tokenizer, MC_TASK, "Fleance, the son of Banquo")
     assert_consistent(tokenizer, prompt)
     text = prompt.text
-    assert MC_TASK.question in text and "A. Banquo" in text
-    assert "Reference answer: C. Fleance" in text
+    assert f"{MC_TASK.question}\n\nChoices:\n(A) Banquo\n" in text
+    assert "Reference answer: (C) Fleance" in text
     assert "Answer to grade: Fleance, the son of Banquo" in text
     assert "[[YES]]" in text and "[[NO]]" in text
     assert not any(d in text for d in DOCUMENTS)

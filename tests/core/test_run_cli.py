@@ -48,10 +48,12 @@ def test_cli_prints_configuration_and_statistics_then_stops(tiny_model, tiny_cor
 
     assert re.search(r"^\s+data\.ctx\s+6144$", output, re.M)
     assert re.search(r"^\s+seed\s+3$", output, re.M)
-    assert re.search(r"^\s+cluster_budget\s+1024$", output, re.M)  # 6144 - 1024 - 4096
+    assert re.search(r"^\s+cluster_budget\s+6144$", output, re.M)  # --ctx is the document budget
+    assert re.search(r"^\s+context_needed\s+11264$", output, re.M)  # 6144 + prompt 1024 + response 4096
     assert field(output, "parameters").startswith(f"{n_params:,} ")
     assert field(output, "vocabulary").startswith(f"{len(tokenizer):,} ")
-    assert field(output, "native ctx").startswith("4,096 tokens (--ctx 6,144 is longer")
+    assert field(output, "native ctx").startswith("4,096 tokens; --ctx 6,144 + prompt + response need 11,264: "
+                                                  "RoPE scaling applied, yarn factor 2.75")  # 11264 / 4096
     # the play: front matter + ACT I (scene I) + scene II + ACT II (scene I); the notes: one per line
     assert field(output, "documents").startswith(f"{4 + len(NOTES)} from 2 works")
     play_tokens = [len(tokenizer.encode(t, add_special_tokens=False)) for t in (
@@ -82,7 +84,10 @@ def test_python_dash_m_entry_points():
     "argv, message",
     [
         (["--ctx", "12q"], "argument --ctx: context length '12q' is not understood"),
-        (["--ctx", "4k", "--max-new-tokens", "4096"], "a context of 4096 tokens leaves no room for documents"),
+        (["--tasks", "doc_qa,doc_essay"], "unknown task type 'doc_essay'; choose from doc_qa, doc_math, doc_mc"),
+        (["--tasks", "=doc_qa"], "the prefix before '=' is empty"),
+        (["--dual-clip", "0.5"], "--dual-clip must be > 1 (or 0: off), got 0.5"),
+        (["--memory-admission", "strict"], "argument --memory-admission: invalid choice: 'strict'"),
         (["--device", "tpu"], "argument --device: device 'tpu'"),
         (["--seed", "x"], "argument --seed: invalid int value"),
     ],

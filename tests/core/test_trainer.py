@@ -66,7 +66,8 @@ def synthetic_batch(hf, seed=1, advantage_scale=1.0):
     return trajectories
 
 
-def reference_step(model, trajectories, clip_low=0.2, clip_high=0.28, on_policy=False, agg="token-mean"):
+def reference_step(model, trajectories, clip_low=0.2, clip_high=0.2, dual_clip=3.0, on_policy=False,
+                   agg="token-mean"):
     """(loss, gradients by parameter name, ratios) of SPEC's objective, by hand in float64."""
     model.zero_grad(set_to_none=True)
     losses, ratios = [], []
@@ -77,7 +78,10 @@ def reference_step(model, trajectories, clip_low=0.2, clip_high=0.28, on_policy=
         old = logp.detach() if on_policy else torch.tensor(t.old_logprobs, dtype=torch.float64)
         ratio = torch.exp(logp - old)
         a = t.advantage
-        losses.append(torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_low, 1 + clip_high)))
+        loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_low, 1 + clip_high))
+        if dual_clip is not None and a < 0:  # dual clip: the loss of a negative advantage is at most -A c
+            loss = torch.minimum(loss, torch.full_like(loss, -a * dual_clip))
+        losses.append(loss)
         ratios.append(ratio.detach())
     if agg == "token-mean":
         loss = torch.cat(losses).mean()
@@ -125,9 +129,32 @@ def test_gradients_equal_float64_reference(arch, shared_prefix, budget, agg, che
         assert metrics["tokens_forwarded"] == expected and metrics["micro_batches"] == 1
     else:
         assert metrics["micro_batches"] > 2
-    clipped_high = [(r > 1.28) & (a > 0) for r, a in zip(ref_ratios, _token_advantages(trajectories))]
-    assert metrics["clip_frac_high"] == pytest.approx(float(torch.stack(clipped_high).double().mean()), abs=1e-6)
+    advantages = _token_advantages(trajectories)
+    clipped_high = (ref_ratios > 1.2) & (advantages > 0)  # the default clip 0.2 / 0.2
+    assert metrics["clip_frac_high"] == pytest.approx(float(clipped_high.double().mean()), abs=1e-6)
+    dual_clipped = (ref_ratios > 3.0) & (advantages < 0)  # dual clip c = 3: -A max(r, clip(r)) > -3A iff r > 3
+    assert metrics["dual_clip_frac"] == pytest.approx(float(dual_clipped.double().mean()), abs=1e-6)
     assert metrics["ratio_max"] == pytest.approx(float(ref_ratios.max()), rel=1e-5)
+
+
+def test_dual_clip_bounds_negative_advantage_losses():
+    """A dual clip of 1.5 catches tokens of this batch (none pass the default 3); the loss and
+    gradients still equal the float64 reference with the same dual clip."""
+    hf, ours = tiny_models("llama")
+    trajectories = synthetic_batch(hf)
+    ref_loss, ref_grads, ref_ratios = reference_step(hf, trajectories, dual_clip=1.5)
+    dual_clipped = (ref_ratios > 1.5) & (_token_advantages(trajectories) < 0)
+    assert dual_clipped.any()
+    trainer = Trainer(ours, TrainerOptions(temperature=TEMPERATURE, micro_batch_tokens=1000, dual_clip=1.5))
+    metrics = trainer.accumulate_gradients(trajectories)
+    assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-6, abs=1e-12)
+    assert_grads_close(ours, ref_grads, rtol=1e-6)
+    assert metrics["dual_clip_frac"] == pytest.approx(float(dual_clipped.double().mean()), abs=1e-6)
+
+
+def test_clip_defaults_are_the_released_scripts():
+    options = TrainerOptions()
+    assert (options.clip_low, options.clip_high, options.dual_clip) == (0.2, 0.2, 3.0)
 
 
 def _token_advantages(trajectories):
