@@ -234,7 +234,8 @@ def summary_line(m: dict, total_steps: int | None = None) -> str:
     stages = [(short, m[f"time_{name}_s"]) for short, name in STAGE_NAMES if f"time_{name}_s" in m]
     if stages:
         parts.append("time " + " ".join(f"{short} {seconds:.0f}" for short, seconds in stages) + " s")
-    parts.append(f"{m.get('step_time_s', 0.0):.1f} s")
+    cpu = f" (cpu {m['step_cpu_s']:.1f} s)" if "step_cpu_s" in m else ""  # below the wall time on a busy machine
+    parts.append(f"{m.get('step_time_s', 0.0):.1f} s{cpu}")
     if m.get("train_skipped"):
         parts.append(f"update skipped: {m.get('train_skip_reason')}")
     if "gpu_memory_used_gib" in m:

@@ -318,7 +318,7 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
     with stop.installed():
         while step < config.steps and not agreed(stop.is_set(), topology):  # every rank stops together
             snapshot = play.state_dict()
-            began = time.perf_counter()
+            began, cpu_began = time.perf_counter(), time.process_time()
             try:
                 metrics = _one_step(play, trainer, monitor, stop, step + 1)
             except StepAbandoned:
@@ -331,6 +331,7 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
                 break
             step += 1
             metrics["step_time_s"] = time.perf_counter() - began
+            metrics["step_cpu_s"] = time.process_time() - cpu_began  # this process's CPU time: on a busy machine
             monitor.log_step(metrics)
             if step % config.save_every == 0 or step == config.steps:
                 _save(train_state, out, step, model, tokenizer, trainer, play, metrics)
@@ -357,13 +358,14 @@ def _one_step(play, trainer, monitor, stop, number: int) -> dict:
               "questioner sample to contrast); no update", file=sys.stderr)
         return metrics | {"train_skipped": True, "train_skip_reason": "nothing trainable in this step"}
     stop.defer = True  # an optimizer step is never cut in half
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     try:
         with monitor.update(len(result.trajectories)):
             train = trainer.train_step(result.trajectories)
     finally:
         stop.defer = False
     metrics["time_update_s"] = time.perf_counter() - began
+    metrics["cpu_update_s"] = time.process_time() - cpu_began
     if train.get("skipped"):
         print(f"spell: step {number}: {train.get('skip_reason')}; the run continues", file=sys.stderr)
     return metrics | {f"train_{k}": v for k, v in train.items()}

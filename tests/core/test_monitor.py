@@ -101,8 +101,8 @@ def test_missing_rewards_print_a_dash(value):
 
 def test_step_line_shows_the_time_of_each_stage():
     line = summary_line(metrics(2, time_questioner_s=41.6, time_grounding_s=3.2, time_responder_s=120.4,
-                                time_verifier_s=88.0, time_update_s=30.5, step_time_s=284.0))
-    assert line.endswith("| tokens gen 12.3k trained 999 | time Q 42 ground 3 R 120 V 88 update 30 s | 284.0 s")
+                                time_verifier_s=88.0, time_update_s=30.5, step_time_s=284.0, step_cpu_s=101.26))
+    assert line.endswith("| tokens gen 12.3k trained 999 | time Q 42 ground 3 R 120 V 88 update 30 s | 284.0 s (cpu 101.3 s)")
 
 
 def test_question_lines_say_what_was_asked_and_how_the_roles_fared(tmp_path, capsys):
