@@ -16,10 +16,10 @@ the byte offset rather than silently replaced, so no question is ever asked abou
 
 `build_clusters(documents, tokenizer, budget_tokens)` groups related documents (same work,
 or same jsonl cluster) into clusters of consecutive documents whose token total fits the
-budget; documents with different task types never share a cluster. Each group is cut into the fewest clusters possible, of balanced sizes. A document
-longer than the budget is first split into consecutive pieces that fit, at paragraph
-boundaries (blank lines), else at line breaks, else at spaces, else inside the text; the
-pieces keep the document's place and get ids `<id>#1`, `<id>#2`, ….
+budget; documents with different task types never share a cluster. Each group is cut into
+the fewest clusters possible, of balanced sizes. A document longer than the budget is first
+split into consecutive pieces that fit, at paragraph boundaries (blank lines), else at line
+breaks, else at spaces, else inside the text; the pieces keep the document's place and get ids `<id>#1`, `<id>#2`, ….
 """
 from __future__ import annotations
 

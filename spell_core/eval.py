@@ -23,7 +23,8 @@ from pathlib import Path
 
 from spell_core.assets import DEFAULT_MODEL
 from spell_core.roles import (DOC_MC, TASK_TYPES, Task, build_responder_prompt, build_verifier_prompt,
-                              extract_answer, parse_verdict, responder_reward, rule_reward, verifier_majority)
+                              extract_answer, parse_verdict, responder_reward, rule_reward, thinking_template_kwargs,
+                              verifier_majority)
 from spell_core.roles.text import CHOICE_LETTERS
 from spell_core.textfiles import jsonl_objects
 
@@ -95,8 +96,11 @@ def _parse_record(record: dict, where: str) -> EvalItem:
 def evaluate(model, tokenizer, items: Sequence[EvalItem], *, n: int = 8, ks: Sequence[int] = (1, 4, 8),
              temperature: float = 0.7, top_p: float = 0.95, top_k: int = 0, max_new_tokens: int = 4096,
              verifier: bool = False, verifier_samples: int = 8, seed: int = 0, kv_budget_tokens: int | None = None,
-             generate: Callable | None = None, progress: bool = True) -> dict:
-    """Scores and pass@k per task type and overall (plus every question's correct count)."""
+             generate: Callable | None = None, progress: bool = True, enable_thinking: bool | None = None,
+             max_prompt_tokens: int | None = None) -> dict:
+    """Scores and pass@k per task type and overall (plus every question's correct count).
+    A prompt longer than `max_prompt_tokens` (default: the model's context minus
+    `max_new_tokens`) has its documents cut in the middle, keeping head and tail (SPEC)."""
     from spell_core.monitor import progress_bar
 
     if generate is None:
@@ -107,12 +111,14 @@ def evaluate(model, tokenizer, items: Sequence[EvalItem], *, n: int = 8, ks: Seq
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
     if kv_budget_tokens is not None:
         sampling["kv_budget_tokens"] = kv_budget_tokens
-    prompts = [build_responder_prompt(tokenizer, item.documents, item.task).input_ids for item in items]
+    template = thinking_template_kwargs(tokenizer, enable_thinking)
     ctx = model.config.max_position_embeddings
-    for item, prompt in zip(items, prompts):
-        if len(prompt) >= ctx:
-            raise ValueError(f"{item.where}: the prompt has {len(prompt):,} tokens, the model's context is {ctx:,}: "
-                             "pass --ctx with a longer context (RoPE scaling) or shorten the context")
+    limit = max_prompt_tokens if max_prompt_tokens is not None else ctx - max_new_tokens
+    if not 0 < limit < ctx:
+        raise ValueError(f"no room for a prompt: {limit} tokens of input with a context of {ctx:,} tokens and "
+                         f"{max_new_tokens:,} new tokens; lower --max-new-tokens or pass --ctx")
+    fitted = [fit_responder_prompt(tokenizer, item, limit, template) for item in items]
+    prompts = [ids for ids, _ in fitted]
     with progress_bar("responder", len(prompts), n * len(prompts), enabled=progress) as hook:
         outputs = generate(model, tokenizer, prompts, n=n, seed=seed, progress=hook, **sampling)
     answers = [[extract_answer(c.text, item.task.task_type) for c in out] for item, out in zip(items, outputs)]
@@ -120,7 +126,8 @@ def evaluate(model, tokenizer, items: Sequence[EvalItem], *, n: int = 8, ks: Seq
     scores = rules
     if verifier:
         judged = [(i, j) for i, row in enumerate(answers) for j, a in enumerate(row) if a is not None]
-        verifier_prompts = [build_verifier_prompt(tokenizer, items[i].task, answers[i][j]).input_ids
+        verifier_prompts = [build_verifier_prompt(tokenizer, items[i].task, answers[i][j],
+                                                  template_kwargs=template).input_ids
                             for i, j in judged]
         majorities = {}
         if verifier_prompts:
@@ -137,6 +144,7 @@ def evaluate(model, tokenizer, items: Sequence[EvalItem], *, n: int = 8, ks: Seq
     for item, row_scores, row_rules, row_answers in zip(items, scores, rules, answers):
         correct = sum(s == 1.0 for s in row_scores)
         per_question.append({"where": item.where, "type": item.task.task_type, "n": n, "correct": correct,
+                             "truncated": fitted[len(per_question)][1],
                              "rule_correct": sum(r == 1.0 for r in row_rules), "answers": row_answers,
                              **{f"pass@{k}": pass_at_k(n, correct, k) for k in ks}})
     groups = {t: [q for q in per_question if q["type"] == t] for t in TASK_TYPES}
@@ -145,6 +153,35 @@ def evaluate(model, tokenizer, items: Sequence[EvalItem], *, n: int = 8, ks: Seq
     summary = {name: {"questions": len(qs), **{f"pass@{k}": sum(q[f"pass@{k}"] for q in qs) / len(qs) for k in ks}}
                for name, qs in groups.items()}
     return {"summary": summary, "questions": per_question}
+
+
+def truncate_middle(tokenizer, text: str, keep_tokens: int) -> str:
+    """`text` with its middle tokens removed so that `keep_tokens` remain: the first half
+    and the last half, joined by a line break."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= keep_tokens:
+        return text
+    head = (keep_tokens + 1) // 2
+    tail = keep_tokens - head
+    return tokenizer.decode(ids[:head]) + "\n" + (tokenizer.decode(ids[-tail:]) if tail else "")
+
+
+def fit_responder_prompt(tokenizer, item: "EvalItem", limit: int, template: dict) -> tuple[list[int], bool]:
+    """(prompt ids, truncated): the responder prompt of `item`, its documents (joined) cut in
+    the middle when the prompt is longer than `limit` tokens."""
+    ids = build_responder_prompt(tokenizer, item.documents, item.task, template_kwargs=template).input_ids
+    if len(ids) <= limit:
+        return ids, False
+    text = "\n\n".join(item.documents)
+    keep = len(tokenizer(text, add_special_tokens=False)["input_ids"]) - (len(ids) - limit)
+    while keep > 0:  # a cut may merge tokens differently: shorten until the whole prompt fits
+        ids = build_responder_prompt(tokenizer, [truncate_middle(tokenizer, text, keep)], item.task,
+                                     template_kwargs=template).input_ids
+        if len(ids) <= limit:
+            return ids, True
+        keep -= len(ids) - limit
+    raise ValueError(f"{item.where}: the instructions and the question alone exceed {limit:,} tokens; "
+                     "raise --ctx or lower --max-new-tokens")
 
 
 def format_table(summary: dict, ks: Sequence[int]) -> str:
@@ -166,11 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", default="1,4,8", help="comma-separated k of pass@k, each <= n (default: 1,4,8)")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: 0.7)")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default: 0.95)")
-    parser.add_argument("--max-new-tokens", type=int, default=4096, help="longest answer in tokens (default: 4096)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="longest answer in tokens (default: 4096; 20480 with --enable-thinking)")
+    parser.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
+                        help="pass enable_thinking to chat templates that read it (Qwen3; SPEC: on for thinking "
+                             "models); everything before the last </think> is dropped (default: the template's)")
     parser.add_argument("--verifier", action="store_true",
                         help="score max(rule reward, verifier majority) instead of the rule reward alone")
     parser.add_argument("--verifier-samples", type=int, default=8, help="judgments per answer (default: 8)")
-    parser.add_argument("--ctx", default=None, help="context length when longer than the model's (RoPE scaling)")
+    parser.add_argument("--ctx", default=None,
+                        help="longest prompt in tokens (e.g. 16k, 100k): longer inputs are cut in the middle, keeping "
+                             "head and tail; RoPE scaling when the model cannot hold it plus --max-new-tokens "
+                             "(default: the model's context minus --max-new-tokens)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--kv-budget-tokens", type=int, default=None, help="sampler KV cache size in tokens")
@@ -206,13 +250,16 @@ def _run(args, items: list[EvalItem], ks: list[int]) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     model, tokenizer = load_pretrained(args.model, device=device)
-    if args.ctx is not None:
-        model.config = with_rope_scaling(model.config, parse_ctx(args.ctx))
+    max_new_tokens = args.max_new_tokens or (20480 if args.enable_thinking else 4096)
+    max_prompt_tokens = None if args.ctx is None else parse_ctx(args.ctx)
+    if max_prompt_tokens is not None:
+        model.config = with_rope_scaling(model.config, max_prompt_tokens + max_new_tokens)
     print(f"model  {args.model} on {device}, loaded in {time.perf_counter() - start:.1f} s; "
           f"{len(items)} questions from {args.data}, n={args.n}")
     start = time.perf_counter()
     results = evaluate(model, tokenizer, items, n=args.n, ks=ks, temperature=args.temperature, top_p=args.top_p,
-                       max_new_tokens=args.max_new_tokens, verifier=args.verifier,
+                       max_new_tokens=max_new_tokens, verifier=args.verifier, enable_thinking=args.enable_thinking,
+                       max_prompt_tokens=max_prompt_tokens,
                        verifier_samples=args.verifier_samples, seed=args.seed, kv_budget_tokens=args.kv_budget_tokens,
                        progress=not args.no_progress)
     scoring = "max(rule reward, verifier majority)" if args.verifier else "rule reward"

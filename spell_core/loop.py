@@ -152,7 +152,8 @@ class SelfPlay:
 
     def _ground(self, questions: list[Question], stats: "_StepStats") -> None:
         """Grounding filter: a question the model answers right without the documents is bad_ground."""
-        prompts = [build_grounding_prompt(self.tokenizer, q.task, template_kwargs=self._template).input_ids for q in questions]
+        prompts = [build_grounding_prompt(self.tokenizer, q.task, template_kwargs=self._template).input_ids
+                   for q in questions]
         for q, out in zip(questions, self._generate("grounding", prompts, 1, self.options.grounding_tokens, stats)):
             if answered_without_documents(q.task, out[0].text):
                 q.status, q.reason = Status.BAD_GROUND, "answered correctly without the documents"

@@ -41,8 +41,7 @@ def parse_types(value: str | Sequence[str], where: str = "--tasks") -> tuple[str
         raise ValueError(f"{where}: no task type given; choose from {', '.join(TASK_TYPES)}")
     unknown = [n for n in names if n not in TASK_TYPES]
     if unknown:
-        raise ValueError(f"{where}: unknown task type {unknown[0]!r}; choose from {', '.join(TASK_TYPES)} "
-                         f"(e.g. --tasks doc_qa,doc_mc or --tasks docmath=doc_math)")
+        raise ValueError(f"{where}: unknown task type {unknown[0]!r}; choose from {', '.join(TASK_TYPES)}")
     return tuple(t for t in TASK_TYPES if t in names)
 
 

@@ -13,11 +13,12 @@ from .text import normalize_answer, parse_choice, parse_number, strip_thinking
 from .verifier import build_verifier_prompt, parse_verdict
 
 __all__ = [
-    "BAD_FORMAT_REWARD", "BAD_GROUND_REWARD", "DOC_MATH", "DOC_MC", "DOC_QA", "QUESTIONER_SCHEMES", "REL_TOL",
-    "SCALE_FACTORS", "SIGMA", "SPAN_TOKEN_LIMIT", "TASK_TYPES", "ParsedQuestion", "Prompt", "Status", "Task",
-    "answered_without_documents", "boxed_contents", "build_grounding_prompt", "build_questioner_prompt", "build_responder_prompt",
-    "build_verifier_prompt", "choice_match", "cover_exact_match", "extract_answer", "normalize_answer",
-    "numbers_match", "numeric_match", "parse_choice", "parse_number", "parse_questioner_output", "parse_verdict",
-    "questioner_reward", "render_documents", "render_prompt", "render_question", "responder_reward",
-    "rule_reward", "strip_thinking", "thinking_template_kwargs", "token_counter", "verifier_majority", "verifier_rewards",
+    "BAD_FORMAT_REWARD", "BAD_GROUND_REWARD", "DOC_MATH", "DOC_MC", "DOC_QA", "ParsedQuestion", "Prompt",
+    "QUESTIONER_SCHEMES", "REL_TOL", "SCALE_FACTORS", "SIGMA", "SPAN_TOKEN_LIMIT", "Status", "TASK_TYPES",
+    "Task", "answered_without_documents", "boxed_contents", "build_grounding_prompt",
+    "build_questioner_prompt", "build_responder_prompt", "build_verifier_prompt", "choice_match",
+    "cover_exact_match", "extract_answer", "normalize_answer", "numbers_match", "numeric_match",
+    "parse_choice", "parse_number", "parse_questioner_output", "parse_verdict", "questioner_reward",
+    "render_documents", "render_prompt", "render_question", "responder_reward", "rule_reward",
+    "strip_thinking", "thinking_template_kwargs", "token_counter", "verifier_majority", "verifier_rewards",
 ]

@@ -109,7 +109,7 @@ def test_a_rank_without_loss_rows_still_joins_the_backward(tmp_path):
     loss, _ = spell_kernels.policy_loss(
         hidden[mb.pred_rows], model.lm_head_weight, mb.targets, mb.old_logprobs, mb.advantages,
         torch.ones_like(mb.targets, dtype=torch.bool), clip_low=opts.clip_low, clip_high=opts.clip_high,
-        temperature=opts.temperature, global_count=3)
+        dual_clip=opts.dual_clip, temperature=opts.temperature, global_count=3)
     loss.backward()
     assert float(ranks[0]["loss"] + ranks[1]["loss"]) == pytest.approx(float(loss.detach()), rel=1e-12)
     for name, p in model.named_parameters():

@@ -10,6 +10,7 @@ import pytest
 
 from spell_core import sampler
 from spell_core.eval import EvalDataError, load_eval_data, main, pass_at_k
+from spell_core.roles import DOC_QA, Task
 from tests.core.scripted import make_tiny_model, scripted_generate
 
 
@@ -144,3 +145,40 @@ def test_k_above_n_is_an_argument_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["--data", str(tmp_path / "x.jsonl"), "--n", "4", "--k", "1,8"])
     assert info.value.code == 2 and "every k must be between 1 and n" in capsys.readouterr().err
+
+
+class _CharTokenizer:  # one token per character: the middle cut is checkable by hand
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def test_truncate_middle_keeps_head_and_tail():
+    from spell_core.eval import truncate_middle
+
+    assert truncate_middle(_CharTokenizer(), "abcdefghij", 4) == "ab\nij"
+    assert truncate_middle(_CharTokenizer(), "abcdefghij", 5) == "abc\nij"
+    assert truncate_middle(_CharTokenizer(), "abcdefghij", 10) == "abcdefghij"  # fits: unchanged
+
+
+def test_long_inputs_are_cut_in_the_middle_to_fit(tmp_path):
+    from transformers import AutoTokenizer
+
+    from spell_core.assets import resolve_model
+    from spell_core.eval import EvalItem, fit_responder_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model())
+    text = "HEADWORD opens. " + "filler words go here. " * 200 + "MIDDLEWORD sits. " + "more filler. " * 200 + \
+        "TAILWORD closes."
+    item = EvalItem(Task(DOC_QA, "What opens?", "HEADWORD"), (text,), "x:1")
+    full, truncated = fit_responder_prompt(tokenizer, item, 10_000, {})
+    assert not truncated
+    ids, truncated = fit_responder_prompt(tokenizer, item, 300, {})
+    prompt = tokenizer.decode(ids)
+    assert truncated and len(ids) <= 300 < len(full)
+    assert "HEADWORD" in prompt and "TAILWORD" in prompt and "MIDDLEWORD" not in prompt
+    assert prompt.rstrip().endswith("assistant") and "What opens?" in prompt  # the question is never cut
+    with pytest.raises(ValueError, match="x:1: the instructions and the question alone exceed 20 tokens"):
+        fit_responder_prompt(tokenizer, item, 20, {})

@@ -5,6 +5,7 @@ SPEC.md's "What trains" is hit by a known case; expected rewards and advantages 
 by hand here (Gaussian questioner reward, unbiased z-scores). The last test runs the real
 sampler on the random model: whatever it writes, the step must not raise.
 """
+import collections
 import math
 import re
 import statistics
@@ -95,8 +96,9 @@ def zscores(values):
 
 
 @pytest.fixture
-def doc_qa_only(monkeypatch):
-    monkeypatch.setattr("spell_core.loop.TASK_TYPES", ("doc_qa",))
+def doc_qa_only(tiny, monkeypatch):
+    for cluster in tiny[2]:  # clusters that allow doc_qa only: the questioner asks nothing else
+        monkeypatch.setattr(cluster, "tasks", ("doc_qa",))
 
 
 def run_scenario(tiny, calls=None, **loop):
@@ -170,10 +172,45 @@ def test_statuses_rewards_and_what_trains(tiny, doc_qa_only):
                                                   for s in q[i].responder.samples)
     assert m["nothing_trainable"] is False
 
-    # history memory: only questions with 0 < mean reward < 1 (cases 6 and 7) enter
+    # history memory, released admission (the default): 0.01 <= mean reward <= 1, so case 4 (all
+    # right, r = 1) enters with 6 (r = 3/4) and 7 (r = 1/4); case 5 (r = 0) does not
     entries = [e for key in {(x.cluster_id, "doc_qa") for x in result.questions}
                for e in play.memory.entries(*key)]
-    assert sorted(e.question for e in entries) == ["Which object marks case 6?", "Which object marks case 7?"]
+    assert sorted(e.question for e in entries) == [f"Which object marks case {c}?" for c in (4, 6, 7)]
+
+
+def test_questioner_asks_only_and_equally_the_clusters_task_types(tiny, monkeypatch):
+    for cluster in tiny[2]:
+        monkeypatch.setattr(cluster, "tasks", ("doc_math", "doc_mc"))
+    _, result = run_scenario(tiny, questions=40)  # the scripted QA-style JSON: bad_format / discarded here
+    counts = collections.Counter(q.task_type for q in result.questions)
+    assert set(counts) == {"doc_math", "doc_mc"} and 10 <= counts["doc_math"] <= 30  # equal weight
+
+
+THINK_OFF = "<think>\n\n</think>\n\n"
+
+
+@pytest.mark.parametrize("enable_thinking, ends_with_empty_think", [(False, True), (True, False), (None, False)])
+def test_enable_thinking_reaches_the_chat_template_of_every_role(tiny, doc_qa_only, monkeypatch, enable_thinking,
+                                                                 ends_with_empty_think):
+    """A Qwen3-style template: `enable_thinking=false` pre-fills an empty reasoning block."""
+    tokenizer = tiny[1]
+    monkeypatch.setattr(tokenizer, "chat_template", tokenizer.chat_template + (
+        "{% if add_generation_prompt and enable_thinking is defined and not enable_thinking %}"
+        + THINK_OFF + "{% endif %}"))
+    calls = []
+    run_scenario(tiny, calls, enable_thinking=enable_thinking)
+    assert {role for role, *_ in calls} == {"questioner", "grounding", "responder", "verifier"}
+    for role, prompts, *_ in calls:
+        for prompt in prompts:
+            assert tokenizer.decode(prompt).endswith(THINK_OFF) is ends_with_empty_think, role
+
+
+def test_paper_memory_admission_keeps_only_intermediate_rewards(tiny, doc_qa_only):
+    play, result = run_scenario(tiny, memory_admission="paper")
+    entries = [e for key in {(x.cluster_id, "doc_qa") for x in result.questions}
+               for e in play.memory.entries(*key)]
+    assert sorted(e.question for e in entries) == [f"Which object marks case {c}?" for c in (6, 7)]
 
 
 def test_negatives_ratio_and_verifier_share_are_honoured(tiny, doc_qa_only):

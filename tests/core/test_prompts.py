@@ -1,5 +1,7 @@
 """Role prompts rendered through a real chat template (ChatML) and a real byte-level BPE
 tokenizer built here, so no model download is needed."""
+import copy
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -234,3 +236,16 @@ def test_missing_chat_template_is_a_clear_error(tokenizer):
     bare = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
     with pytest.raises(ValueError, match="chat template"):
         build_responder_prompt(bare, DOCUMENTS, QA_TASK)
+
+
+def test_thinking_kwargs_only_for_templates_that_read_them(tokenizer):
+    from spell_core.roles import thinking_template_kwargs
+
+    assert thinking_template_kwargs(tokenizer, True) == {}  # ChatML without the variable: nothing passed
+    qwen3_like = copy.copy(tokenizer)
+    qwen3_like.chat_template = CHATML + "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    assert thinking_template_kwargs(qwen3_like, False) == {"enable_thinking": False}
+    assert thinking_template_kwargs(qwen3_like, True) == {"enable_thinking": True}
+    assert thinking_template_kwargs(qwen3_like, None) == {}  # the template's own default
+    prompt = build_grounding_prompt(qwen3_like, QA_TASK, template_kwargs=thinking_template_kwargs(qwen3_like, False))
+    assert prompt.text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")

@@ -110,3 +110,36 @@ def test_empty_corpus_is_a_clear_error(tiny_model, tmp_path, capsys):
     code = main(["--model", str(tiny_model[0]), "--corpus", str(empty), "--out", str(tmp_path / "o"), "--device", "cpu"])
     assert code == 1
     assert "spell: error: corpus folder" in capsys.readouterr().err
+
+
+def test_no_rope_scaling_when_the_native_context_holds_documents_prompt_and_response(tiny_model, tiny_corpus,
+                                                                                     tmp_path, capsys):
+    argv = ["--model", str(tiny_model[0]), "--corpus", str(tiny_corpus), "--ctx", "1k", "--max-new-tokens", "2048",
+            "--out", str(tmp_path / "run"), "--device", "cpu", "--steps", "0"]
+    assert main(argv) == 0
+    output = capsys.readouterr().out
+    # 1024 documents + 1024 prompt room + 2048 response = 4096 = the tiny model's native context
+    assert field(output, "native ctx") == "4,096 tokens (holds --ctx 1,024 + prompt + response = 4,096)"
+    assert field(output, "task types") == "doc_qa,doc_math,doc_mc: 2 clusters"
+
+
+def test_method_flags_reach_the_config_and_the_trainer(monkeypatch):
+    from spell_core.run import THINKING_MAX_NEW_TOKENS, config_from_args, trainer_options
+
+    config, args = config_from_args(["--device", "cpu", "--tasks", "doc_qa", "--tasks", "docmath=doc_math",
+                                     "--memory-admission", "paper", "--clip-low", "0.1", "--clip-high", "0.3",
+                                     "--dual-clip", "0", "--enable-thinking"])
+    options = trainer_options(config, args)
+    assert (options.clip_low, options.clip_high, options.dual_clip) == (0.1, 0.3, None)  # 0: dual clip off
+    assert config.data.tasks == ["doc_qa", "docmath=doc_math"]
+    assert config.loop.memory_admission == "paper" and config.loop.enable_thinking is True
+    assert config.sampling.max_response_tokens == 192  # thinking keeps the CPU default on a CPU
+    defaults = trainer_options(*config_from_args(["--device", "cpu"]))
+    assert (defaults.clip_low, defaults.clip_high, defaults.dual_clip) == (0.2, 0.2, 3.0)
+
+    monkeypatch.setattr("spell_core.run._resolve_device", lambda device: "cuda")
+    gpu, _ = config_from_args(["--enable-thinking"])
+    assert gpu.sampling.max_response_tokens == THINKING_MAX_NEW_TOKENS == 20480
+    assert (gpu.loop.questions, gpu.loop.max_rounds, gpu.loop.kept_groups) == (480, 10, 128)
+    assert config_from_args([])[0].sampling.max_response_tokens == 4096
+    assert config_from_args(["--enable-thinking", "--max-new-tokens", "8000"])[0].sampling.max_response_tokens == 8000
