@@ -32,6 +32,7 @@ _LETTER = r"[(\[]?\s*([A-D])\s*[)\]]?"
 _MC_BOXED_CONTENT = re.compile(rf"^\s*{_LETTER}(?:[.:\s]|$)")
 _MC_CORRECT_IS = re.compile(r"(?i:correct\s+answer\s+is)\s*:?[\s*]*\(([A-D])\)")
 _MC_ANSWER_IS = re.compile(rf"(?i:answer\s+is)\s*:?[\s*]*{_LETTER}(?![A-Za-z0-9])")
+_LATEX_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
 _MC_TRAILING = re.compile(r"\(([A-D])\)[\s.*]*$")
 
 
@@ -85,7 +86,7 @@ def _math_answer(text: str) -> str | None:
 def _mc_answer(text: str) -> str | None:
     boxes = boxed_contents(text)
     if boxes:
-        match = _MC_BOXED_CONTENT.match(boxes[-1])
+        match = _MC_BOXED_CONTENT.match(_LATEX_TEXT.sub(r"\1", boxes[-1]))  # \boxed{\text{C}} too
         if match:
             return match.group(1)
     for pattern in (_MC_CORRECT_IS, _MC_ANSWER_IS):

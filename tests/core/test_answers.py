@@ -65,6 +65,7 @@ def test_doc_math_unparsable(text):
 @pytest.mark.parametrize("text, expected", [
     ("\\boxed{C}", "C"),
     ("So \\boxed{(B)}.", "B"),
+    ("\\boxed{\\text{D}}", "D"),
     ("The correct answer is (B).", "B"),
     ("The correct answer is (B). Though the answer is C", "B"),  # "correct answer is (X)" before "answer is X"
     ("\\boxed{A}. The correct answer is (B)", "A"),  # the box first

@@ -169,7 +169,7 @@ def test_long_inputs_are_cut_in_the_middle_to_fit(tmp_path):
     from spell_core.assets import resolve_model
     from spell_core.eval import EvalItem, fit_responder_prompt
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))  # a real tokenizer, any will do
     text = "HEADWORD opens. " + "filler words go here. " * 200 + "MIDDLEWORD sits. " + "more filler. " * 200 + \
         "TAILWORD closes."
     item = EvalItem(Task(DOC_QA, "What opens?", "HEADWORD"), (text,), "x:1")
