@@ -19,7 +19,7 @@ from spell_core.run import main
 from tests.core.scripted import make_tiny_corpus, make_tiny_model, random_play, scripted_generate
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMING = ("time_", "step_time_s", "train_step_time_s")
+TIMING = ("time_", "step_time_s", "train_step_time_s", "cpu_", "step_cpu")
 
 
 @pytest.fixture(scope="module")
