@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "the instructions and the response come on top, and RoPE scaling (YaRN) extends the "
                              "model only when its native context cannot hold ctx + prompt + response")
     parser.add_argument("--model", default=defaults.model.name,
-                        help=f"model alias or local Hugging Face checkpoint folder (default: {defaults.model.name})")
+                        help=f"model alias, local Hugging Face checkpoint folder, or Hub id Org/Name[@revision] (default: {defaults.model.name})")
     parser.add_argument("--corpus", default=defaults.data.corpus,
                         help=f"corpus alias or folder of .txt/.md/.jsonl files (default: {defaults.data.corpus})")
     parser.add_argument("--out", default=defaults.out,
