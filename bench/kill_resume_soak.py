@@ -112,7 +112,7 @@ def soak(cycles: int, steps: int, workdir: Path, seed: int = 0, report=print) ->
     from tests.core.scripted import make_tiny_corpus, make_tiny_model
 
     rng = random.Random(seed)
-    model = make_tiny_model(workdir / "model", resolve_model())
+    model = make_tiny_model(workdir / "model", resolve_model("smollm2-135m-instruct"))
     corpus = make_tiny_corpus(workdir / "corpus")
     out = workdir / "run"
     log_path = workdir / "log.txt"

@@ -32,7 +32,7 @@ def build(max_positions):
     from spell_core.model import CausalLM, ModelConfig
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model())
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
     config = ModelConfig.from_hf(dict(model_type="llama", architectures=[], vocab_size=len(tokenizer), hidden_size=32,
                                       intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=1, max_position_embeddings=max_positions,

@@ -20,7 +20,7 @@ WORKS = None if os.environ.get("SPELL_BENCH_LONG") == "1" else 6
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model())
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ def tokenizer():
 
     from spell_core.assets import resolve_model
 
-    return AutoTokenizer.from_pretrained(resolve_model())
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
 
 
 def cluster_texts(tokenizer, n_tokens, piece_chars=8000):

@@ -47,8 +47,8 @@ _times: dict[tuple[str, str], float] = {}
 def setup():
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
-    model, tokenizer = load_pretrained(resolve_model())
-    hf = transformers.AutoModelForCausalLM.from_pretrained(resolve_model(), dtype=torch.float32).eval()
+    model, tokenizer = load_pretrained(resolve_model("smollm2-135m-instruct"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m-instruct"), dtype=torch.float32).eval()
     text = "\n\n".join(d.text for d in load_documents(resolve_corpus())[:40])
     corpus_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     yield model, tokenizer, hf, corpus_ids

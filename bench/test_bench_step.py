@@ -45,7 +45,7 @@ def setup(tmp_path_factory):
     from spell_core.assets import resolve_corpus, resolve_model
     from spell_core.model import load_pretrained
 
-    folder = resolve_model() if FULL else make_tiny_model(tmp_path_factory.mktemp("tiny"), resolve_model())
+    folder = resolve_model("smollm2-135m-instruct") if FULL else make_tiny_model(tmp_path_factory.mktemp("tiny"), resolve_model("smollm2-135m-instruct"))
     model, tokenizer = load_pretrained(folder)
     config = RunConfig()
     config.data.ctx = CPU_DEFAULTS["ctx"]

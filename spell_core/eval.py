@@ -27,9 +27,9 @@ from dataclasses import replace
 from math import comb
 from pathlib import Path
 
+from spell_core.assets import DEFAULT_MODEL
 from spell_core.benchmarks import FORMATS, EvalDataError, EvalItem, load_eval_data
 from spell_core.eval_prompts import build_eval_prompt
-from spell_core.assets import DEFAULT_MODEL
 from spell_core.roles import (DOC_MC, TASK_TYPES, build_verifier_prompt, extract_answer, parse_verdict,
                               responder_reward, rule_reward, thinking_template_kwargs, verifier_majority)
 from spell_core.truncation import parse_budget, truncate_middle

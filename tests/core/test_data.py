@@ -14,7 +14,7 @@ from spell_core.data import CorpusError, Document, build_clusters, load_document
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model())
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
 
 
 def oracle_tokens(tokenizer, text):

@@ -483,6 +483,6 @@ def run_assets(tmp_path_factory):
     from spell_core.assets import resolve_model
     from tests.core.scripted import make_tiny_corpus, make_tiny_model
 
-    model = make_tiny_model(tmp_path_factory.mktemp("tiny-model"), resolve_model())
+    model = make_tiny_model(tmp_path_factory.mktemp("tiny-model"), resolve_model("smollm2-135m-instruct"))
     corpus = make_tiny_corpus(tmp_path_factory.mktemp("corpus") / "c")
     return model, corpus

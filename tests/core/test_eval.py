@@ -112,7 +112,7 @@ def answers(role, text, i, j, rng):
 def test_evaluation_table_and_json(tmp_path, monkeypatch, capsys):
     from spell_core.assets import resolve_model
 
-    model = make_tiny_model(tmp_path / "model", resolve_model())
+    model = make_tiny_model(tmp_path / "model", resolve_model("smollm2-135m-instruct"))
     data = tmp_path / "questions.jsonl"
     lines = [GOOD, {"context": ["Door one.", "Door two."], "question": "How many doors are there?", "answer": 2,
                     "type": "doc_math"},

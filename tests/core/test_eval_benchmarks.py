@@ -86,7 +86,7 @@ def tokenizer():
 
     from spell_core.assets import resolve_model
 
-    return AutoTokenizer.from_pretrained(resolve_model())
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
 
 
 STUB_MODEL = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096))

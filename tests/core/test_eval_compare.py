@@ -75,7 +75,7 @@ def test_run_evaluates_at_step_zero_and_every_n_steps(tmp_path, monkeypatch, cap
     from spell_core.run import main as run_main
     from tests.core.scripted import make_tiny_corpus, make_tiny_model, random_play, scripted_generate
 
-    model = make_tiny_model(tmp_path / "model", resolve_model())
+    model = make_tiny_model(tmp_path / "model", resolve_model("smollm2-135m-instruct"))
     corpus = make_tiny_corpus(tmp_path / "corpus")
     data = tmp_path / "eval.jsonl"
     data.write_text(json.dumps({"context": "The lantern hangs by the door.", "question": "What hangs there?",

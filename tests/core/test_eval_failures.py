@@ -26,7 +26,7 @@ def model(tmp_path_factory):
     from spell_core.assets import resolve_model
     from tests.core.scripted import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("model"), resolve_model())
+    return make_tiny_model(tmp_path_factory.mktemp("model"), resolve_model("smollm2-135m-instruct"))
 
 
 def run(data, model, out, *extra):

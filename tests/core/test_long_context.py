@@ -92,7 +92,7 @@ def test_one_self_play_step_and_update_at_the_full_context(tmp_path, doc_qa_only
     config.loop.questions = 1
     config.loop.kept_groups = 1
     config.loop.max_rounds = 1
-    model, tokenizer = load_pretrained(make_model(tmp_path / "model", resolve_model()))
+    model, tokenizer = load_pretrained(make_model(tmp_path / "model", resolve_model("smollm2-135m-instruct")))
     budget = config.cluster_budget
     clusters = build_clusters(load_documents(make_corpus(tmp_path / "corpus", tokenizer, budget)), tokenizer, budget)
     assert len(clusters) == 1 and 0.9 * budget <= clusters[0].n_tokens <= budget  # a cluster reaching the context

@@ -26,7 +26,7 @@ G = 4
 def tiny(tmp_path_factory):
     from spell_core.assets import resolve_model
 
-    folder = make_tiny_model(tmp_path_factory.mktemp("tiny-model"), resolve_model())
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny-model"), resolve_model("smollm2-135m-instruct"))
     corpus = make_tiny_corpus(tmp_path_factory.mktemp("corpus") / "c")
     model, tokenizer = load_pretrained(folder)
     clusters = build_clusters(load_documents(corpus), tokenizer, 2048)

@@ -254,6 +254,23 @@ def test_default_checkpoint_matches_transformers_on_shakespeare():
 
 
 @torch.no_grad()
+def test_default_qwen_checkpoint_loads_in_transformers_with_our_logits():
+    """The converted default (bfloat16 on disk) read by transformers and by us, both float32."""
+    folder = resolve_model("qwen2.5-coder-0.5b-instruct")
+    model, tokenizer = load_pretrained(folder)
+    assert model.config.num_hidden_layers == 24 and model.config.num_key_value_heads == 2
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Who wrote Hamlet?"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"][0]
+    ours = model(ids, torch.tensor([0, len(ids)], dtype=torch.int32))
+    del model
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    expected = hf(ids[None]).logits[0]
+    assert (ours - expected).abs().max().item() <= LOGIT_TOL
+    answer = tokenizer.decode(hf.generate(ids[None], max_new_tokens=8, do_sample=False)[0, len(ids):])
+    assert "Shakespeare" in answer, answer  # real weights, not noise
+
+
+@torch.no_grad()
 def test_triton_kernels_path_matches_transformers(triton_path):
     """The path CUDA takes (Triton attention and log-prob kernels, interpreted on CPU)."""
     hf = make_hf_model("qwen3_qknorm_headdim_bias")

@@ -97,3 +97,38 @@ def test_progress_hook_counts_generated_tokens(capsys):
 @pytest.mark.parametrize("value", [None, float("nan")])
 def test_missing_rewards_print_a_dash(value):
     assert "reward Q - R - V -" in summary_line(metrics(1, reward_questioner=value, reward_responder=value))
+
+
+def test_step_line_shows_the_time_of_each_stage():
+    line = summary_line(metrics(2, time_questioner_s=41.6, time_grounding_s=3.2, time_responder_s=120.4,
+                                time_verifier_s=88.0, time_update_s=30.5, step_time_s=284.0, step_cpu_s=101.26))
+    assert line.endswith("| tokens gen 12.3k trained 999 | time Q 42 ground 3 R 120 V 88 update 30 s | 284.0 s (cpu 101.3 s)")
+
+
+def test_question_lines_say_what_was_asked_and_how_the_roles_fared(tmp_path, capsys):
+    from spell_core.roles import Status, Task
+    from spell_core.rollout import Question, ResponderGroup, Sample, VerifierGroup
+
+    def sample(text=""):
+        return Sample([1], [0.0], text)
+
+    long_question = "Which character says 'To be, or not to be' and in which act of the play does this happen, exactly?"
+    good = Question("s0r0q0", "doc_qa", "hamlet", ("hamlet",), [1], sample(), Status.OK,
+                    task=Task("doc_qa", long_question, "Hamlet"), reward=0.61)
+    good.responder = ResponderGroup("s0r0q0", [1], [sample()] * 4, ["Hamlet", None, "Horatio", "Hamlet"],
+                                    [1.0, 0.0, 0.0, 1.0], [None] * 4, [1.0, 0.0, 0.0, 1.0])
+    good.verifiers = [VerifierGroup("s0r0q0", 1, [1], [sample()] * 4, [True, True, False, None], 1, 0.0,
+                                    [1, 1, 0, -1]),
+                      VerifierGroup("s0r0q0", 2, [1], [sample()] * 4, [False] * 4, 0, 0.0, [1] * 4)]
+    bad = Question("s0r0q1", "doc_mc", "sonnets", ("sonnets",), [1], sample("I cannot write\na question"),
+                   Status.BAD_FORMAT, reason="no JSON object found")
+    monitor = Monitor(tmp_path, 1, bars=False, plot=False)
+    monitor.log_questions(1, [good, bad])
+    lines = capsys.readouterr().out.splitlines()
+    # agreement: (2 of 4 agree with YES + 4 of 4 with NO) / 2 judged answers = 0.75
+    assert lines == [
+        "  s0r0q0 doc_qa   ok         | \"Which character says 'To be, or not to be' and in which act of the pl...\" | "
+        "R 2/4 rewarded (1 unparsable) | V 2 judged, agreement 0.75 | Q reward 0.61",
+        "  s0r0q1 doc_mc   bad_format | 'I cannot write a question' | no JSON object found",
+    ]
+    assert len((tmp_path / "questions.jsonl").read_text().splitlines()) == 2

@@ -207,7 +207,7 @@ def test_default_model_tokenizer_shares_every_document():
 
     from spell_core.assets import resolve_model
 
-    smollm = AutoTokenizer.from_pretrained(resolve_model())
+    smollm = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
     a = build_responder_prompt(smollm, DOCUMENTS, QA_TASK)
     b = build_responder_prompt(smollm, DOCUMENTS, MC_TASK)
     assert a.input_ids == reference_ids(smollm, a)

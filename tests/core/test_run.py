@@ -19,14 +19,14 @@ from spell_core.run import main
 from tests.core.scripted import make_tiny_corpus, make_tiny_model, random_play, scripted_generate
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMING = ("time_", "step_time_s", "train_step_time_s")
+TIMING = ("time_", "step_time_s", "train_step_time_s", "cpu_", "step_cpu")
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from spell_core.assets import resolve_model
 
-    model = make_tiny_model(tmp_path_factory.mktemp("tiny-model"), resolve_model())
+    model = make_tiny_model(tmp_path_factory.mktemp("tiny-model"), resolve_model("smollm2-135m-instruct"))
     corpus = make_tiny_corpus(tmp_path_factory.mktemp("corpus") / "c")
     return model, corpus
 
@@ -71,6 +71,12 @@ def test_two_steps_write_metrics_plot_summary_and_checkpoints(assets, scripted, 
     questions = [json.loads(line) for line in (out / "questions.jsonl").read_text().splitlines()]
     assert [q["step"] for q in questions] == [1] * lines[0]["questions"] + [2] * lines[1]["questions"]
     assert sum(q["status"] == "bad_format" for q in questions) == sum(m["questions_bad_format"] for m in lines)
+    # one console line per question, each naming its id and status, before its step's summary
+    shown = [line.split()[:3] for line in stdout.splitlines() if line.startswith("  s") and " | " in line]
+    assert shown == [[f"s{q['step'] - 1}r0q{i}", q["task_type"], q["status"]]
+                     for i, q in zip(list(range(3)) * 2, questions)]
+    assert stdout.index("  s0r0q2 ") < stdout.index("step 1/2") < stdout.index("  s1r0q0 ")
+    assert all(" | time Q " in s for s in summaries)
     assert all(len(q["responder_rewards"]) == 3 for q in questions if q["status"] == "ok")
     png = (out / "metrics.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")

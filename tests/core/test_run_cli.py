@@ -22,7 +22,7 @@ def tiny_model(tmp_path_factory):
     parameter count and tokenizer as transformers reads them back."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    folder = make_tiny_model(tmp_path_factory.mktemp("tiny-model"), resolve_model())
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny-model"), resolve_model("smollm2-135m-instruct"))
     n_params = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(folder).parameters())
     return folder, n_params, AutoTokenizer.from_pretrained(folder)
 
@@ -143,3 +143,19 @@ def test_method_flags_reach_the_config_and_the_trainer(monkeypatch):
     assert (gpu.loop.questions, gpu.loop.max_rounds, gpu.loop.kept_groups) == (480, 10, 128)
     assert config_from_args([])[0].sampling.max_response_tokens == 4096
     assert config_from_args(["--enable-thinking", "--max-new-tokens", "8000"])[0].sampling.max_response_tokens == 8000
+
+
+def test_cpu_runs_recompute_activations_and_pack_3072_tokens(monkeypatch):
+    """The CPU update of the 0.5B default stored 18.2 GB with 8192-token micro-batches (bench/results/loop.md)."""
+    from spell_core.run import config_from_args, trainer_options
+
+    cpu = trainer_options(*config_from_args(["--device", "cpu"]))
+    assert (cpu.gradient_checkpointing, cpu.micro_batch_tokens) == (True, 3072)
+    # a responder group at the CPU defaults fits one micro-batch: 1024 documents + 1024 prompt room + 4 x 192
+    assert 1024 + 1024 + 4 * 192 <= cpu.micro_batch_tokens
+    off = trainer_options(*config_from_args(["--device", "cpu", "--no-gradient-checkpointing"]))
+    assert off.gradient_checkpointing is False
+    monkeypatch.setattr("spell_core.run._resolve_device", lambda device: "cuda")
+    gpu = trainer_options(*config_from_args([]))
+    assert (gpu.gradient_checkpointing, gpu.micro_batch_tokens) == (False, 32768)
+    assert trainer_options(*config_from_args(["--gradient-checkpointing"])).gradient_checkpointing is True

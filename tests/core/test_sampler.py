@@ -256,8 +256,8 @@ def smollm2():
     from spell_core.data import load_documents
     from spell_core.model import load_pretrained
 
-    model, tokenizer = load_pretrained(resolve_model())
-    hf = transformers.AutoModelForCausalLM.from_pretrained(resolve_model(), dtype=torch.float32).eval()
+    model, tokenizer = load_pretrained(resolve_model("smollm2-135m-instruct"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m-instruct"), dtype=torch.float32).eval()
     documents = load_documents(resolve_corpus())
     prompts = []
     for doc in (documents[3], documents[200], documents[500]):
