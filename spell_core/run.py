@@ -21,6 +21,7 @@ from pathlib import Path
 from spell_core.assets import AssetError
 from spell_core.config import DataOptions, LoopOptions, ModelOptions, RunConfig, SamplingOptions, parse_ctx
 from spell_core.data import CorpusError
+from spell_core.run_folder import flatten_config
 
 # SPEC.md's scale (one GPU: 480 questions a round, at most 10 rounds, N = 128 kept groups) and
 # the reduced defaults that let `make run` finish a real step on a 2-core CPU in minutes.
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = config.cluster_budget
     train_options = trainer_options(config, args)
     print("spell: resolved configuration")
-    for key, value in _flatten({**config.to_dict(), "trainer": asdict(train_options)}):
+    for key, value in flatten_config({**config.to_dict(), "trainer": asdict(train_options)}):
         print(f"  {key:<34} {value}")
     if args.reduced:
         spec = " ".join(f"--{k.replace('_', '-')} {_spec_value(k)}" for k in args.reduced)
@@ -593,14 +594,6 @@ def _load_model_and_documents(config: RunConfig, budget: int):
     print("task types  " + "; ".join(f"{types}: {n:,} clusters" for types, n in kinds.most_common()))
     print(f"tokens per cluster  min {min(sizes):,}  median {statistics.median(sizes):,.0f}  max {max(sizes):,}")
     return model, tokenizer, clusters
-
-
-def _flatten(values: dict, prefix: str = ""):
-    for key, value in values.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def archive(out: Path) -> Path:
 def config_differences(stored: dict, given: dict) -> dict[str, tuple]:
     """Flattened key -> (stored, given) for every differing value, keys in FREE_TO_CHANGE left out, and
     keys only one side has (options added or removed by another version of spell) too."""
-    a, b = dict(_flatten(stored)), dict(_flatten(given))
+    a, b = dict(flatten_config(stored)), dict(flatten_config(given))
     return {k: (a[k], b[k]) for k in sorted(set(a) & set(b))
             if k not in FREE_TO_CHANGE and not _same(k, a[k], b[k])}
 
@@ -164,10 +164,11 @@ def claim(out, config: dict, *, resume: bool, overwrite: bool, allow_config_chan
         lock.release()
 
 
-def _flatten(values: dict, prefix: str = ""):
+def flatten_config(values: dict, prefix: str = ""):
+    """(dotted key, value) pairs of a nested dict."""
     for key, value in values.items():
         if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
+            yield from flatten_config(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
 

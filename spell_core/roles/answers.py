@@ -20,39 +20,19 @@ from __future__ import annotations
 import re
 
 from .tasks import DOC_MATH, DOC_MC, check_task_type
-from .text import clean_answer, parse_number, strip_thinking
+from .text import boxed_contents, clean_answer, parse_number, strip_thinking
 
 # doc_qa phrases, most preferred first
 _QA_PHRASES = tuple(re.compile(p, re.IGNORECASE) for p in (
     r"the\s+correct\s+answer\s+is", r"the\s+answer\s+is", r"answer\s+is"))
 _ANSWER_IS = re.compile(r"answer\s+is", re.IGNORECASE)
 
-_BOXED = re.compile(r"\\boxed\s*\{")
 _LETTER = r"[(\[]?\s*([A-D])\s*[)\]]?"
 _MC_BOXED_CONTENT = re.compile(rf"^\s*{_LETTER}(?:[.:\s]|$)")
 _MC_CORRECT_IS = re.compile(r"(?i:correct\s+answer\s+is)\s*:?[\s*]*\(([A-D])\)")
 _MC_ANSWER_IS = re.compile(rf"(?i:answer\s+is)\s*:?[\s*]*{_LETTER}(?![A-Za-z0-9])")
 _LATEX_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
 _MC_TRAILING = re.compile(r"\(([A-D])\)[\s.*]*$")
-
-
-def boxed_contents(text: str) -> list[str]:
-    r"""The contents of every `\boxed{...}` in `text`, in order (nested braces allowed; an
-    unbalanced last box gives what follows it)."""
-    contents = []
-    for match in _BOXED.finditer(text):
-        depth, i = 1, match.end()
-        for j in range(i, len(text)):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    contents.append(text[i:j])
-                    break
-        else:
-            contents.append(text[i:])
-    return contents
 
 
 def _after_last(pattern: re.Pattern, text: str) -> str | None:

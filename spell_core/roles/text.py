@@ -49,21 +49,32 @@ def last_json_object(text: str) -> dict | None:
 # --- cleaning an extracted answer -----------------------------------------------------------
 
 
+_BOXED = re.compile(r"\\boxed\s*\{")
+
+
+def boxed_contents(text: str) -> list[str]:
+    r"""The contents of every `\boxed{...}` in `text`, in order (nested braces allowed; an
+    unbalanced last box gives what follows it)."""
+    contents = []
+    for match in _BOXED.finditer(text):
+        depth, i = 1, match.end()
+        for j in range(i, len(text)):
+            if text[j] == "{":
+                depth += 1
+            elif text[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    contents.append(text[i:j])
+                    break
+        else:
+            contents.append(text[i:])
+    return contents
+
+
 def unbox(text: str) -> str:
     r"""The content of the last `\boxed{...}` (nested braces allowed); `text` if none."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return text
-    i = start + len("\\boxed{")
-    depth = 1
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-    return text[i:]  # unbalanced: take what is there
+    boxes = boxed_contents(text)
+    return boxes[-1] if boxes else text
 
 
 _MATH_DELIMITERS = (("\\(", "\\)"), ("\\[", "\\]"), ("$$", "$$"), ("$", "$"))
