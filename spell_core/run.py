@@ -544,8 +544,6 @@ class _StopFlag:
 
 
 def _load_model_and_documents(config: RunConfig, budget: int):
-    import torch
-
     from spell_core.assets import resolve_model
     from spell_core.corpus_tables import load_corpus
     from spell_core.data import build_clusters

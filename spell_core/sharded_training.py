@@ -81,7 +81,6 @@ def forward_backward(trainer, micro_batches: list, global_count: int):
     longer stops the loop early (the ranks would fall out of step); its gradient makes the
     global norm non-finite and the update is skipped everywhere. Returns (loss, [stats], finite)
     summed / combined over the world."""
-    topo = trainer.topology
     device = trainer.device
     count = torch.tensor([len(micro_batches)], dtype=torch.float64, device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)

@@ -13,7 +13,6 @@ gradient (with eps 1e-8 a gradient element near 0 turns a 1e-16 difference into 
 step); the context-parallel tests compare two packings whose gradients round differently in
 the model's fp32 RMSNorm, so those use 1e-5 x lr.
 """
-import datetime
 import os
 import signal
 import socket

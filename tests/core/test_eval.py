@@ -10,7 +10,6 @@ import pytest
 
 from spell_core import sampler
 from spell_core.eval import EvalDataError, load_eval_data, main, pass_at_k
-from spell_core.roles import DOC_QA, Task
 from tests.core.scripted import make_tiny_model, scripted_generate
 
 

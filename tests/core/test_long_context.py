@@ -13,13 +13,13 @@ runs the same test at 128k (bench/long_context.py measures time and memory up to
 import json
 import os
 
-import pytest
 import torch
 
 from spell_core.config import RunConfig, parse_ctx
 from spell_core.data import build_clusters, load_documents
 from spell_core.loop import SelfPlay
 from spell_core.model import load_pretrained
+from spell_core.task_types import TaskRules
 from spell_core.trainer import Trainer, TrainerOptions
 from tests.core.scripted import scripted_generate
 
@@ -77,12 +77,7 @@ def play(role, text, i, j, rng):
     return f"Judged. [[{'YES' if right == (j != G - 1) else 'NO'}]]"  # the last verifier errs: agreement 0.75
 
 
-@pytest.fixture
-def doc_qa_only(monkeypatch):
-    monkeypatch.setattr("spell_core.loop.TASK_TYPES", ("doc_qa",))
-
-
-def test_one_self_play_step_and_update_at_the_full_context(tmp_path, doc_qa_only):
+def test_one_self_play_step_and_update_at_the_full_context(tmp_path):
     from spell_core.assets import resolve_model
 
     config = RunConfig()
@@ -94,7 +89,8 @@ def test_one_self_play_step_and_update_at_the_full_context(tmp_path, doc_qa_only
     config.loop.max_rounds = 1
     model, tokenizer = load_pretrained(make_model(tmp_path / "model", resolve_model("smollm2-135m-instruct")))
     budget = config.cluster_budget
-    clusters = build_clusters(load_documents(make_corpus(tmp_path / "corpus", tokenizer, budget)), tokenizer, budget)
+    documents = TaskRules.parse(["doc_qa"]).apply(load_documents(make_corpus(tmp_path / "corpus", tokenizer, budget)))
+    clusters = build_clusters(documents, tokenizer, budget)
     assert len(clusters) == 1 and 0.9 * budget <= clusters[0].n_tokens <= budget  # a cluster reaching the context
 
     result = SelfPlay(model, tokenizer, clusters, config, generate=scripted_generate(play)).step()
@@ -102,11 +98,13 @@ def test_one_self_play_step_and_update_at_the_full_context(tmp_path, doc_qa_only
     assert roles == {"questioner", "responder", "verifier"}, roles
     responders = [t for t in result.trajectories if t.role == "responder"]
     assert len(responders) == G and len({tuple(t.prompt_ids) for t in responders}) == 1
-    # the responder reads the whole cluster, and its input and output fit the context
-    assert all(clusters[0].n_tokens < len(t.prompt_ids) and t.num_tokens <= CTX for t in responders), \
+    # the responder reads the whole cluster (--ctx tokens of documents); with the prompt around it and
+    # the response, it fits ctx + prompt room + response
+    assert all(clusters[0].n_tokens < len(t.prompt_ids) and t.num_tokens <= config.context_needed
+               for t in responders), \
         [t.num_tokens for t in responders]
 
-    trainer = Trainer(model, TrainerOptions(lr=1e-3, micro_batch_tokens=CTX + G * RESPONSE, bf16_autocast=False))
+    trainer = Trainer(model, TrainerOptions(lr=1e-3, micro_batch_tokens=config.context_needed + G * RESPONSE, bf16_autocast=False))
     before = model.lm_head_weight.detach().clone()
     metrics = trainer.train_step(result.trajectories)
     assert not metrics["skipped"], metrics

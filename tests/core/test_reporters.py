@@ -23,7 +23,7 @@ def question(step, i):
     return types.SimpleNamespace(id=f"s{step}q{i}", task_type="doc_qa", cluster_id="c#0", status="ok", reason=None,
                                  reward=0.5, sample=types.SimpleNamespace(text=f"question text {step}.{i}"),
                                  task=types.SimpleNamespace(question=f"What is {step}.{i}?", answer="42", options=None),
-                                 responder=None)
+                                 responder=None, verifiers=[])
 
 
 def run_steps(monitor, steps, loss):
