@@ -19,7 +19,13 @@ __all__ = ["non_finite", "all_finite", "UpdateGuard", "NonFiniteUpdatesError"]
 
 
 class NonFiniteUpdatesError(ValueError):
-    """Several optimizer steps in a row gave non-finite weights (each one rolled back)."""
+    """Optimizer steps gave non-finite weights: several in a row, each rolled back (restored: the
+    weights in memory are those from before them), or one without a snapshot to roll back to
+    (restored False: the weights in memory are NaN/Inf and must not be saved)."""
+
+    def __init__(self, message: str, restored: bool = True):
+        super().__init__(message)
+        self.restored = restored
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -64,12 +70,18 @@ def describe(names: list[str], n: int = 3) -> str:
 
 class UpdateGuard:
     """Keeps a copy of the parameters and the optimizer state (on the CPU: no GPU memory) from
-    before an optimizer step, and restores it when the step left a parameter non-finite."""
+    before an optimizer step, and restores it when the step left a parameter non-finite.
+
+    keep_snapshot=False keeps no copy (a CPU run: it would add three times the weights to the only
+    memory there is) and only checks: the first non-finite step raises NonFiniteUpdatesError with
+    restored=False. The Trainer skips steps on non-finite gradients before this, and clips them, so
+    what is left for the guard is rare (an optimizer overflow, a bug)."""
 
     def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, max_rollbacks: int = 3,
-                 all_ranks=None):
+                 all_ranks=None, keep_snapshot: bool = True):
         """all_ranks: optional callable(bool) -> bool that ANDs a flag over every rank."""
         self.params, self.optimizer = params, optimizer
+        self.keep_snapshot = keep_snapshot
         self.max_rollbacks = max_rollbacks
         self.consecutive = 0  # rollbacks in a row
         self.all_ranks = all_ranks
@@ -78,6 +90,8 @@ class UpdateGuard:
 
     @torch.no_grad()
     def snapshot(self) -> None:
+        if not self.keep_snapshot:
+            return
         weights = [self._copy(("w", i), p) for i, p in enumerate(self.params)]
         state = {}
         for i, p in enumerate(self.params):
@@ -106,6 +120,13 @@ class UpdateGuard:
         if finite:
             self.consecutive = 0
             return True
+        if not self.keep_snapshot:
+            raise NonFiniteUpdatesError(
+                "the optimizer step gave NaN/Inf weights, and no copy of the weights from before it was kept "
+                "(--no-rollback-snapshot, the CPU default), so the run stops here without saving them; the last "
+                "checkpoint holds the weights before it. Lower --lr, or look at the step's loss and grad norm in "
+                "metrics.jsonl; --rollback-snapshot rolls such steps back instead (at the cost of a copy of the "
+                "weights and optimizer state)", restored=False)
         self._restore()
         self.consecutive += 1
         if self.consecutive >= self.max_rollbacks:

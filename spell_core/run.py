@@ -20,6 +20,7 @@ from pathlib import Path
 
 from spell_core.assets import AssetError
 from spell_core.config import DataOptions, LoopOptions, ModelOptions, RunConfig, SamplingOptions, parse_ctx
+from spell_core.cpu_threads import idle_core_threads
 from spell_core.data import CorpusError
 from spell_core.run_folder import flatten_config
 
@@ -105,9 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_options(parser)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="recompute activations in backward (default: on for a CPU run, off on a GPU)")
+    parser.add_argument("--rollback-snapshot", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep a host copy of the weights and optimizer state before each optimizer step, to "
+                             "roll back a step that leaves NaN/Inf weights (default: on a GPU; off on a CPU, where "
+                             "the copy costs 3x the weights in memory and a NaN/Inf step stops the run unsaved)")
     parser.add_argument("--threads", type=_count(0), default=None,
-                        help="CPU threads of torch; 0: torch's default, one per core (default: 1 on a CPU run, "
-                             "where more threads on a busy machine are several times slower; 0 on a GPU run)")
+                        help="CPU threads of torch; 0: torch's default, one per core (default on a CPU run: the "
+                             "idle cores, i.e. cores minus the load average, at least 1, since a thread waiting for "
+                             "a busy core slows every matrix product; 0 on a GPU run)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (summary lines only)")
     parser.add_argument("--cp", type=_count(1), default=1,
                         help="context parallel size: ranks sharing each training sequence (zigzag ring attention); "
@@ -230,8 +236,9 @@ def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse
         args.max_new_tokens = THINKING_MAX_NEW_TOKENS
     table = GPU_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
     args.reduced = []
+    args.threads_why = "--threads"
     if args.threads is None:
-        args.threads = 0 if table is GPU_DEFAULTS else 1
+        args.threads, args.threads_why = (0, "") if table is GPU_DEFAULTS else idle_core_threads()
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = table is CPU_DEFAULTS
     for key in KNOBS:
@@ -260,7 +267,8 @@ def trainer_options(config: RunConfig, args: argparse.Namespace):
 
     options = TrainerOptions(micro_batch_tokens=args.micro_batch_tokens, temperature=config.sampling.temperature,
                              gradient_checkpointing=args.gradient_checkpointing, clip_low=args.clip_low,
-                             clip_high=args.clip_high, dual_clip=args.dual_clip or None)
+                             clip_high=args.clip_high, dual_clip=args.dual_clip or None,
+                             rollback_snapshot=args.rollback_snapshot)
     if args.lr is not None:
         options.lr = args.lr
     return options
@@ -329,7 +337,7 @@ def _run(config: RunConfig, args, train_options, budget: int) -> int:
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-        print(f"threads     {args.threads} (--threads)")
+        print(f"threads     {args.threads} ({args.threads_why})")
     try:
         return _train_on_ranks(config, args, train_options, budget)
     finally:
@@ -436,6 +444,8 @@ def _steps(config: RunConfig, args, out: Path, start_step: int, model, tokenizer
                 break
             except (torch.cuda.OutOfMemoryError, NonFiniteUpdatesError) as err:
                 play.load_state_dict(snapshot)  # the update never ran or was rolled back: the last step's weights
+                if not getattr(err, "restored", True):
+                    saved_step = step  # the weights in memory are NaN/Inf: the last checkpoint stays the last
                 advice = f"\n{OOM_ADVICE}" if isinstance(err, torch.cuda.OutOfMemoryError) else ""
                 print(f"spell: error: {err}{advice}", file=sys.stderr)
                 exit_code = 1

@@ -71,6 +71,9 @@ class TrainerOptions:
     bf16_autocast: bool | None = None  # run the decoder under bf16 autocast; None: on CUDA only
     # roll back an update that leaves a weight NaN/Inf (spell_core/guards.py); stop after this many in a row
     max_rollbacks: int | None = 3  # None: no check (no CPU copy of the weights and optimizer state per step)
+    # keep that copy to roll back to; None: on CUDA (pinned host memory), not on a CPU (it would add 3x
+    # the weights to host memory: 7.5 GB for the 0.5B default); without it a NaN/Inf update stops the run
+    rollback_snapshot: bool | None = None
 
 
 class TrainingOutOfMemoryError(torch.cuda.OutOfMemoryError):
@@ -236,7 +239,8 @@ class Trainer:
             if self._distributed:
                 from spell_core.distributed import all_reduce_sum
                 every_rank = lambda ok: all_reduce_sum(0.0 if ok else 1.0, topology) == 0  # noqa: E731
-            self.guard = UpdateGuard(self.params, self.optimizer, options.max_rollbacks, every_rank)
+            keep = on_cuda if options.rollback_snapshot is None else options.rollback_snapshot
+            self.guard = UpdateGuard(self.params, self.optimizer, options.max_rollbacks, every_rank, keep_snapshot=keep)
         autocast = options.bf16_autocast
         self.autocast = self.device.type == "cuda" if autocast is None else bool(autocast)
         # attention's share of a micro-batch's cost, for balancing (see spell_kernels.packing)

@@ -67,3 +67,18 @@ def test_rolling_back_the_first_step_leaves_no_optimizer_state():
     guard.snapshot()
     _step(model, optimizer)  # a good step after a rollback resets the count
     assert guard.check() and guard.consecutive == 0
+
+
+def test_without_a_snapshot_the_first_non_finite_step_raises_and_nothing_is_copied():
+    model, params, optimizer = _setup()
+    guard = UpdateGuard(params, optimizer, max_rollbacks=3, keep_snapshot=False)
+    guard.snapshot()
+    _step(model, optimizer)
+    assert guard.check() and guard._buffers == {}  # no copy of 3 x the weights
+    guard.snapshot()
+    _step(model, optimizer)
+    with torch.no_grad():
+        params[0][0, 0] = math.nan
+    with pytest.raises(NonFiniteUpdatesError, match="no copy of the weights from before it was kept") as info:
+        guard.check()
+    assert info.value.restored is False and math.isnan(params[0][0, 0].item())  # left as it is: not saved

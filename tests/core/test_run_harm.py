@@ -103,7 +103,7 @@ def test_an_update_to_non_finite_weights_is_rolled_back_and_nothing_non_finite_i
         return result
     monkeypatch.setattr(torch.optim.AdamW, "step", diverging_step)
     out = tmp_path / "run"
-    code = main(argv(assets, out, "--steps", "5", "--save-every", "1", *EVERY_STEP_TRAINS))
+    code = main(argv(assets, out, "--steps", "5", "--save-every", "1", "--rollback-snapshot", *EVERY_STEP_TRAINS))
     captured = capsys.readouterr()
     assert code == 1
     assert "spell: error: 3 optimizer steps in a row gave NaN/Inf weights; each was rolled back" in captured.err
@@ -119,6 +119,32 @@ def test_an_update_to_non_finite_weights_is_rolled_back_and_nothing_non_finite_i
         assert all(torch.equal(saved[k], initial[k]) for k in saved)  # the weights from before the bad updates
         optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
         assert optimizer["state"] == {}  # no step ever happened
+
+
+def test_without_a_rollback_snapshot_a_non_finite_update_stops_the_run_and_keeps_the_last_checkpoint(
+        assets, scripted, tmp_path, capsys, monkeypatch):
+    """The CPU default: no copy of the weights, so the first NaN update ends the run, unsaved."""
+    real_step = torch.optim.AdamW.step
+    calls = []
+
+    def second_step_diverges(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][-1].view(-1)[0] = float("nan")
+        return result
+    monkeypatch.setattr(torch.optim.AdamW, "step", second_step_diverges)
+    out = tmp_path / "run"
+    code = main(argv(assets, out, "--steps", "5", "--save-every", "1", *EVERY_STEP_TRAINS))
+    captured = capsys.readouterr()
+    assert code == 1 and len(calls) == 2
+    assert "spell: error: the optimizer step gave NaN/Inf weights, and no copy" in captured.err
+    assert "the last checkpoint holds the weights before it" in captured.err
+    assert [m["step"] for m in metrics_lines(out)] == [1]
+    kept = train_state.list_checkpoints(out)
+    assert [step for step, _ in kept] == [1]
+    assert all(bool(torch.isfinite(t).all()) for t in weights(kept[0][1]).values())
 
 
 def test_a_checkpoint_is_never_written_from_non_finite_weights(assets, tmp_path):
