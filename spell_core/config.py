@@ -84,6 +84,10 @@ class LoopOptions:
     grounding_tokens: int | None = None
     responder_tokens: int | None = None
     verifier_tokens: int | None = None
+    # sample the grounding answers and the responders' G answers in one call (one decode loop
+    # instead of two; responders of questions the filter then rejects are wasted): what a CPU run
+    # wants, where a decode step costs about the same for 8 rows or 40 (it reads all the weights)
+    overlap_grounding: bool = False
     questioner_reward: str = "gaussian"  # or the ablations "linear" (1 - r), "triangle" (1 - 2|r - 0.5|)
     advantage_eps: float = 1e-6
     kv_budget_tokens: int | None = None  # sampler KV cache size in tokens; None: everything at once

@@ -38,7 +38,8 @@ from spell_core.rollout import Question, ResponderGroup, Sample, VerifierGroup
 from spell_core.selection import (kept_responder_groups, select_questions, select_verifier_groups,
                                   verifier_candidates)
 
-STAGES = ("questioner", "grounding", "responder", "verifier")
+# "ground_respond": grounding and responder sampled together (LoopOptions.overlap_grounding)
+STAGES = ("questioner", "grounding", "responder", "ground_respond", "verifier")
 
 
 class StepAbandoned(Exception):
@@ -118,8 +119,11 @@ class SelfPlay:
 
     def _round(self, round_index: int, stats: "_StepStats") -> list[Question]:
         questions, clusters = self._ask(round_index, stats)
-        self._ground([q for q in questions if q.status == Status.OK], stats)
-        self._answer([q for q in questions if q.status == Status.OK], clusters, stats)
+        if self.options.overlap_grounding:
+            self._ground_and_answer([q for q in questions if q.status == Status.OK], clusters, stats)
+        else:
+            self._ground([q for q in questions if q.status == Status.OK], stats)
+            self._answer([q for q in questions if q.status == Status.OK], clusters, stats)
         self._verify([q for q in questions if q.responder is not None], stats)
         self._reward(questions)
         return questions
@@ -152,25 +156,59 @@ class SelfPlay:
 
     def _ground(self, questions: list[Question], stats: "_StepStats") -> None:
         """Grounding filter: a question the model answers right without the documents is bad_ground."""
-        prompts = [build_grounding_prompt(self.tokenizer, q.task, template_kwargs=self._template).input_ids
-                   for q in questions]
-        for q, out in zip(questions, self._generate("grounding", prompts, 1, self.options.grounding_tokens, stats)):
+        prompts = self._grounding_prompts(questions)
+        self._judge_grounding(questions, self._generate("grounding", prompts, 1, self.options.grounding_tokens,
+                                                        stats))
+
+    def _grounding_prompts(self, questions: list[Question]) -> list[list[int]]:
+        return [build_grounding_prompt(self.tokenizer, q.task, template_kwargs=self._template).input_ids
+                for q in questions]
+
+    def _judge_grounding(self, questions: list[Question], outputs: list[list[Sample]]) -> None:
+        for q, out in zip(questions, outputs):
             if answered_without_documents(q.task, out[0].text):
                 q.status, q.reason = Status.BAD_GROUND, "answered correctly without the documents"
 
     def _answer(self, questions: list[Question], clusters: dict, stats: "_StepStats") -> None:
         """Responder: G answers per question over ALL documents of its cluster (one prompt, one prefill)."""
+        fitting = self._responder_prompts(questions, clusters, stats)
+        outputs = self._generate("responder", [p for _, p in fitting], self.config.sampling.group_size,
+                                 self.options.responder_tokens, stats)
+        self._group_answers(fitting, outputs)
+
+    def _ground_and_answer(self, questions: list[Question], clusters: dict, stats: "_StepStats") -> None:
+        """The grounding filter and the responders in one sampling call; the groups of questions the
+        filter rejects are dropped (LoopOptions.overlap_grounding)."""
+        grounding = self._grounding_prompts(questions)
+        fitting = self._responder_prompts(questions, clusters, stats)
+        limits = {self.options.grounding_tokens, self.options.responder_tokens}
+        if len(limits) > 1:
+            raise ValueError(f"overlap_grounding samples grounding and responders together: grounding_tokens "
+                             f"({self.options.grounding_tokens}) must equal responder_tokens "
+                             f"({self.options.responder_tokens})")
         g = self.config.sampling.group_size
-        prompts = []
+        outputs = self._generate("ground_respond", grounding + [p for _, p in fitting],
+                                 [1] * len(grounding) + [g] * len(fitting), limits.pop(), stats)
+        self._judge_grounding(questions, outputs[:len(grounding)])
+        kept = [(pair, out) for pair, out in zip(fitting, outputs[len(grounding):]) if pair[0].status == Status.OK]
+        self._group_answers([pair for pair, _ in kept], [out for _, out in kept])
+
+    def _responder_prompts(self, questions: list[Question], clusters: dict,
+                           stats: "_StepStats") -> list[tuple[Question, list[int]]]:
+        """(question, responder prompt) of the questions whose prompt fits; the others are discarded."""
+        fitting = []
         for q in questions:
             prompt = build_responder_prompt(self.tokenizer, clusters[q.id].documents, q.task,
                                             template_kwargs=self._template).input_ids
             if len(prompt) >= self._ctx:  # a question so long that documents + question overflow
                 q.status, q.reason = Status.DISCARDED, f"responder prompt longer than the context ({self._ctx})"
                 stats.too_long += 1
-            prompts.append(prompt)
-        fitting = [(q, p) for q, p in zip(questions, prompts) if q.status == Status.OK]
-        outputs = self._generate("responder", [p for _, p in fitting], g, self.options.responder_tokens, stats)
+            else:
+                fitting.append((q, prompt))
+        return fitting
+
+    def _group_answers(self, fitting: list[tuple[Question, list[int]]], outputs: list[list[Sample]]) -> None:
+        g = self.config.sampling.group_size
         for (q, prompt), samples in zip(fitting, outputs):
             answers = [extract_answer(s.text, q.task.task_type) for s in samples]
             rules = [rule_reward(q.task, a) for a in answers]
@@ -203,7 +241,7 @@ class SelfPlay:
             entry = MemoryEntry(q.evidence_ids, q.task.question, q.task.answer, q.task.options)
             self.memory.record(q.cluster_id, q.task_type, entry, group.mean_reward)
 
-    def _generate(self, stage: str, prompts: list[list[int]], n: int, max_new_tokens: int | None,
+    def _generate(self, stage: str, prompts: list[list[int]], n: int | list[int], max_new_tokens: int | None,
                   stats: "_StepStats") -> list[list[Sample]]:
         if not prompts:
             return []
@@ -216,7 +254,8 @@ class SelfPlay:
         kwargs = {}
         if self.options.kv_budget_tokens is not None:
             kwargs["kv_budget_tokens"] = self.options.kv_budget_tokens
-        with self.observer.stage(stage, len(prompts), n * len(prompts)) as hook:
+        samples_count = sum(n) if isinstance(n, list) else n * len(prompts)
+        with self.observer.stage(stage, len(prompts), samples_count) as hook:
             def progress(event):
                 if hook is not None:
                     hook(event)

@@ -19,8 +19,8 @@ QUESTIONS_FILE = "questions.jsonl"
 PLOT_FILE = "metrics.png"
 ROLES = ("questioner", "responder", "verifier")
 # time_<name>_s metrics shown in the step line: generation stages (loop.py), then the update
-STAGE_NAMES = (("Q", "questioner"), ("ground", "grounding"), ("R", "responder"), ("V", "verifier"),
-               ("update", "update"))
+STAGE_NAMES = (("Q", "questioner"), ("ground", "grounding"), ("R", "responder"), ("ground+R", "ground_respond"),
+               ("V", "verifier"), ("update", "update"))
 
 
 class GpuTelemetry:
@@ -247,7 +247,7 @@ def summary_line(m: dict, total_steps: int | None = None) -> str:
         f"{m.get('trajectories_verifier', 0)}",
         f"tokens gen {_kilo(m.get('tokens_generated', 0))} trained {_kilo(trained)}",
     ]
-    stages = [(short, m[f"time_{name}_s"]) for short, name in STAGE_NAMES if f"time_{name}_s" in m]
+    stages = [(short, m[f"time_{name}_s"]) for short, name in STAGE_NAMES if m.get(f"time_{name}_s")]  # those that ran
     if stages:
         parts.append("time " + " ".join(f"{short} {seconds:.0f}" for short, seconds in stages) + " s")
     cpu = f" (cpu {m['step_cpu_s']:.1f} s)" if "step_cpu_s" in m else ""  # below the wall time on a busy machine

@@ -179,6 +179,31 @@ def test_statuses_rewards_and_what_trains(tiny, doc_qa_only):
     assert sorted(e.question for e in entries) == [f"Which object marks case {c}?" for c in (4, 6, 7)]
 
 
+def test_overlapped_grounding_samples_once_and_ends_as_the_separate_stages(tiny, doc_qa_only):
+    """overlap_grounding: the 5 grounding prompts and the 5 responder prompts (the bad_ground
+    question's too) in one call; the rejected question's answers are dropped, nothing else differs."""
+    _, separate = run_scenario(tiny)
+    calls = []
+    _, overlapped = run_scenario(tiny, calls, overlap_grounding=True)
+    assert [(role, len(prompts), n) for role, prompts, n, _ in calls] == [
+        ("questioner", 8, 1), ("grounding", 10, [1] * 5 + [G] * 5), ("verifier", 15, G)]
+    assert len({tuple(p) for p in calls[1][1][5:]}) == 5  # five distinct responder prompts after the grounding ones
+    for a, b in zip(separate.questions, overlapped.questions):
+        assert (a.status, a.reward) == (b.status, b.reward)
+        assert (a.responder is None) == (b.responder is None)
+        if a.responder is not None:
+            assert (a.responder.rewards, a.responder.prompt_ids) == (b.responder.rewards, b.responder.prompt_ids)
+    assert overlapped.questions[2].status == Status.BAD_GROUND and overlapped.questions[2].responder is None
+    # one sampling call fewer draws one seed fewer from the loop's rng, which also subsamples the
+    # questioner's negatives: compare the responders exactly and the other roles by count
+    assert [(t.group, t.advantage) for t in by_role(separate, "responder")] == \
+        [(t.group, t.advantage) for t in by_role(overlapped, "responder")]
+    assert [len(by_role(r, role)) for r in (separate, overlapped) for role in ("questioner", "verifier")] == [
+        len(by_role(separate, "questioner")), len(by_role(separate, "verifier"))] * 2
+    assert overlapped.metrics["time_grounding_s"] == overlapped.metrics["time_responder_s"] == 0.0
+    assert overlapped.metrics["tokens_prompt_ground_respond"] == sum(len(p) for p in calls[1][1])
+
+
 def test_questioner_asks_only_and_equally_the_clusters_task_types(tiny, monkeypatch):
     for cluster in tiny[2]:
         monkeypatch.setattr(cluster, "tasks", ("doc_math", "doc_mc"))
