@@ -131,7 +131,8 @@ def test_one_self_play_step_and_update_at_the_full_context(tmp_path):
     prompts = {tuple(t.prompt_ids) for t in result.trajectories}
     assert metrics["tokens_forwarded"] == sum(map(len, prompts)) + metrics["tokens_trained"]
     # only the responder prompt holds the whole cluster; the questioner's (empty memory) holds 5 new documents
-    shown = {t.role: tokenizer.decode(t.prompt_ids).count("<document>") for t in result.trajectories}
+    one_per_role = {t.role: t for t in result.trajectories}
+    shown = {role: tokenizer.decode(t.prompt_ids).count("<document>") for role, t in one_per_role.items()}
     assert shown == {"questioner": min(5, len(clusters[0].documents)), "responder": len(clusters[0].documents),
                      "verifier": 0}
     assert float((model.lm_head_weight.detach() - before).abs().max()) > 0
