@@ -50,7 +50,7 @@ def make_model(folder, tokenizer_source):
 
 
 def make_corpus(folder, tokenizer, budget):
-    """notes.jsonl: one cluster of documents of ~1000 tokens of numbered notes, their text
+    """notes.jsonl: one cluster of documents of 60 numbered notes (~1500 tokens), their text
     filling 90-95 % of the cluster budget (with the tags around each document, at most 97 %)."""
     folder.mkdir(parents=True, exist_ok=True)
     words = ["stone", "well", "garden", "door", "lantern", "key", "river", "tower", "field", "gate"]
