@@ -46,7 +46,7 @@ def document_wrapper_tokens(count: Callable[[list[str]], list[int]]) -> int:
     document keeps a cluster's estimate an upper bound."""
     probe = "x"
     one, two, alone = count([render_documents([probe]), render_documents([probe, probe]), probe])
-    return two - one - alone
+    return max(0, two - one - alone)
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:
