@@ -79,7 +79,7 @@ def run_case(stage, length):
             metrics.update(trainer.train_step(group))
         result = time_and_peak(run)
         assert not metrics["skipped"] and metrics["tokens_forwarded"] == length + SAMPLES * NEW_TOKENS
-    return {"seconds": result["best_s"], "peak_bytes": result["peak_extra_bytes"]}
+    return {"seconds": result["best_s"], "cpu_seconds": result["best_cpu_s"], "peak_bytes": result["peak_extra_bytes"]}
 
 
 def main():
@@ -95,19 +95,24 @@ def main():
     from memory import run_json
 
     lengths = [parse_ctx(x) - 1024 if parse_ctx(x) >= 131072 else parse_ctx(x) for x in args.lengths.split(",")]
-    print("| prompt tokens | sampler s | sampler peak MiB | sampler MiB / 1k tokens | update s | update peak MiB "
-          "| update MiB / 1k tokens |")
-    print("|---|---|---|---|---|---|---|")
+    # CPU seconds (of the one thread) next to wall seconds: on a shared machine only they compare;
+    # "x first": CPU time over the first row's, measured in this run (L^2 attention: 4x per doubling)
+    print("| prompt tokens | sampler s wall / CPU | x first | sampler peak MiB | sampler MiB / 1k tokens "
+          "| update s wall / CPU | x first | update peak MiB | update MiB / 1k tokens |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    first = {}
     for length in lengths:
         row = {stage: run_json([os.path.abspath(__file__), "--case", stage, str(length)]) for stage in ("sampler", "update")}
         cells = []
         for stage in ("sampler", "update"):
             r = row[stage]
             if "error" in r:
-                cells += [f"error: {r['error']}", "-", "-"]
+                cells += [f"error: {r['error']}", "-", "-", "-"]
             else:
                 mib = r["peak_bytes"] / 2**20
-                cells += [f"{r['seconds']:.1f}", f"{mib:.0f}", f"{mib / (length / 1024):.2f}"]
+                first.setdefault(stage, r["cpu_seconds"])
+                cells += [f"{r['seconds']:.1f} / {r['cpu_seconds']:.1f}", f"{r['cpu_seconds'] / first[stage]:.1f}",
+                          f"{mib:.0f}", f"{mib / (length / 1024):.2f}"]
         print(f"| {length:,} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -16,7 +16,9 @@ the byte offset rather than silently replaced, so no question is ever asked abou
 
 `build_clusters(documents, tokenizer, budget_tokens)` groups related documents (same work,
 or same jsonl cluster) into clusters of consecutive documents whose token total fits the
-budget; documents with different task types never share a cluster. Each group is cut into
+budget, counted as the prompts show them: each document with the tags and separator the
+role prompts put around it (roles/chat.py), so that many small documents cannot overflow the
+context; documents with different task types never share a cluster. Each group is cut into
 the fewest clusters possible, of balanced sizes. A document longer than the budget is first
 split into consecutive pieces that fit, at paragraph boundaries (blank lines), else at line
 breaks, else at spaces, else inside the text; the pieces keep the document's place and get ids `<id>#1`, `<id>#2`, ….
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from spell_core.roles.chat import document_wrapper_tokens
 from spell_core.roles.tasks import TASK_TYPES
 from spell_core.task_types import parse_types
 from spell_core.textfiles import jsonl_objects, read_utf8
@@ -66,7 +69,7 @@ Document.text = property(_get_text, _set_text)  # after @dataclass, so that the 
 class Cluster:
     id: str
     documents: list[Document] = field(default_factory=list)
-    n_tokens: int = 0
+    n_tokens: int = 0  # as the prompts show the documents: their tokens plus each one's tags and separator
     tasks: tuple[str, ...] = TASK_TYPES  # the task types the questioner may ask of it (equal weight)
     source: str = ""  # the data_source of its documents ("" for folder corpora)
 
@@ -265,20 +268,29 @@ def count_tokens(documents: Sequence[Document], tokenizer, chunk_docs: int = 102
     return list(documents)
 
 
-def build_clusters(documents: Sequence[Document], tokenizer, budget_tokens: int) -> list[Cluster]:
+def build_clusters(documents: Sequence[Document], tokenizer, budget_tokens: int,
+                   wrapper_tokens: int | None = None) -> list[Cluster]:
     """Related documents packed into clusters of consecutive documents, each with at most
-    `budget_tokens` tokens in all; groups in order of first appearance, documents in their
-    original order. Documents over the budget are split first (see the module docstring).
-    A cluster holds documents of one task-type set (`Document.tasks`, see task_types.py)."""
+    `budget_tokens` tokens in all, counting `wrapper_tokens` more per document (the tags and
+    separator the prompts put around it; None: measured with the tokenizer); groups in order
+    of first appearance, documents in their original order. Documents over the budget are
+    split first (see the module docstring). A cluster holds documents of one task-type set
+    (`Document.tasks`, see task_types.py)."""
     if isinstance(budget_tokens, bool) or not isinstance(budget_tokens, int) or budget_tokens < 1:
         raise ValueError(f"budget_tokens must be a positive integer, got {budget_tokens!r}")
     if not documents:
         raise CorpusError("no documents to cluster")
     count = token_counter(tokenizer)
+    if wrapper_tokens is None:
+        wrapper_tokens = document_wrapper_tokens(count)
+    text_budget = budget_tokens - wrapper_tokens  # what a document's own text may take
+    if text_budget < 1:
+        raise ValueError(f"budget_tokens={budget_tokens} cannot hold any document: the prompt puts {wrapper_tokens} "
+                         "tokens of tags around each one; raise --ctx")
     documents = count_tokens(documents, tokenizer)
     fitted: list[Document] = []
     for doc in documents:
-        fitted += [doc] if doc.n_tokens <= budget_tokens else _split_document(doc, budget_tokens, count)
+        fitted += [doc] if doc.n_tokens <= text_budget else _split_document(doc, text_budget, count)
 
     groups: dict[tuple[str, tuple[str, ...]], list[Document]] = {}
     for doc in fitted:
@@ -289,9 +301,10 @@ def build_clusters(documents: Sequence[Document], tokenizer, budget_tokens: int)
     clusters = []
     for (group, tasks), docs in groups.items():
         name = group if task_sets[group] == 1 else f"{group}[{'+'.join(tasks)}]"
-        for k, part in enumerate(_balanced_partition([d.n_tokens for d in docs], budget_tokens)):
+        shown = [d.n_tokens + wrapper_tokens for d in docs]
+        for k, part in enumerate(_balanced_partition(shown, budget_tokens)):
             members = [docs[i] for i in part]
-            clusters.append(Cluster(f"{name}#c{k}", members, sum(d.n_tokens for d in members), tasks,
+            clusters.append(Cluster(f"{name}#c{k}", members, sum(shown[i] for i in part), tasks,
                                     members[0].data_source))
     return clusters
 

@@ -30,10 +30,23 @@ def document_text(document) -> str:
     return text
 
 
+DOCUMENT_OPEN, DOCUMENT_CLOSE, DOCUMENT_SEPARATOR = "<document>\n", "\n</document>", "\n\n"
+
+
 def render_documents(documents: Sequence) -> str:
     """Documents in order, each inside <document> tags, without numbers or titles (the
     questioner must write questions that do not point at "document 2")."""
-    return "\n\n".join(f"<document>\n{document_text(d).strip()}\n</document>" for d in documents)
+    return DOCUMENT_SEPARATOR.join(f"{DOCUMENT_OPEN}{document_text(d).strip()}{DOCUMENT_CLOSE}" for d in documents)
+
+
+def document_wrapper_tokens(count: Callable[[list[str]], list[int]]) -> int:
+    """Tokens render_documents adds around each document (separator + tags), measured with
+    `count` (texts -> token counts) as the growth of a rendering from one document to two,
+    less the document itself. The first document has no separator: counting one for every
+    document keeps a cluster's estimate an upper bound."""
+    probe = "x"
+    one, two, alone = count([render_documents([probe]), render_documents([probe, probe]), probe])
+    return max(0, two - one - alone)
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:

@@ -45,7 +45,9 @@ def test_release_layout_rows_are_clusters_that_carry_their_data_source(tmp_path,
     assert [(c.source, c.tasks, len(c.documents)) for c in clusters] == [
         ("docmath_compshort", ("doc_math",), 2), ("ultrafineweb_en", ("doc_qa", "doc_mc"), 3)]
     assert clusters[0].id == "docmath_compshort/dm-17#c0"
-    assert clusters[1].n_tokens == sum(len(tokenizer.encode(p, add_special_tokens=False)) for p in WEB["paragraphs"])
+    tags = len(tokenizer.encode("\n</document>\n\n<document>\n", add_special_tokens=False))  # between two documents
+    assert clusters[1].n_tokens == sum(len(tokenizer.encode(p, add_special_tokens=False)) + tags
+                                       for p in WEB["paragraphs"] if p)
     documents = TaskRules.parse(["docmath=doc_qa"]).apply(load_corpus([str(first)]))  # overrides the default
     assert build_clusters(documents, tokenizer, 10_000)[0].tasks == ("doc_qa",)
 

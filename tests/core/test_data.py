@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from spell_core.assets import resolve_corpus, resolve_model
 from spell_core.data import CorpusError, Document, build_clusters, load_documents, split_play, strip_gutenberg
+from spell_core.roles.chat import render_documents
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +20,12 @@ def tokenizer():
 
 def oracle_tokens(tokenizer, text):
     return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def oracle_wrapper(tokenizer):
+    """Tokens the prompts put around each document: what stands between two documents' texts
+    (10 with the default tokenizer: "\n", "</", "document", ">", "\n", "\n", "<", "document", ">", "\n")."""
+    return oracle_tokens(tokenizer, "\n</document>\n\n<document>\n")
 
 
 def no_space(text):
@@ -218,10 +225,13 @@ def check_clusters(documents, clusters, budget, tokenizer):
     assert list(rebuilt) == [d.id for d in documents]  # every one, once, in the original order
     assert all(rebuilt[i] == d.text for i, d in originals.items())
     assert len({d.id for d in pieces}) == len(pieces)
+    wrapper = oracle_wrapper(tokenizer)
     for cluster in clusters:
         counts = [oracle_tokens(tokenizer, d.text) for d in cluster.documents]
         assert [d.n_tokens for d in cluster.documents] == counts
-        assert cluster.n_tokens == sum(counts) <= budget
+        assert cluster.n_tokens == sum(counts) + wrapper * len(counts) <= budget
+        # the documents as the prompts show them fit the budget
+        assert oracle_tokens(tokenizer, render_documents(cluster.documents)) <= cluster.n_tokens
         assert len({d.group for d in cluster.documents}) == 1
     assert len({c.id for c in clusters}) == len(clusters)
 
@@ -246,7 +256,8 @@ def test_clusters_of_real_plays(tmp_path, tokenizer):
     assert any("#" in d.id for c in clusters for d in c.documents)
     assert [c.id.split("#")[0] for c in clusters] == sorted(c.id.split("#")[0] for c in clusters)
     for group in ("macbeth", "sonnets"):
-        lengths = [d.n_tokens for c in clusters if c.documents[0].group == group for d in c.documents]
+        lengths = [d.n_tokens + oracle_wrapper(tokenizer) for c in clusters if c.documents[0].group == group
+                   for d in c.documents]
         assert sum(c.documents[0].group == group for c in clusters) == fewest_parts(lengths, budget)
     sonnet_pieces = [d for c in clusters for d in c.documents if d.group == "sonnets"]
     assert all(re.search(r"\n[ \t]*\n$", d.text) for d in sonnet_pieces[:-1])  # cut at blank lines
@@ -274,20 +285,20 @@ class NoTokenizer:
 @settings(max_examples=200, deadline=None)
 @given(
     docs=st.lists(st.tuples(st.sampled_from("abc"), st.integers(1, 50)), min_size=1, max_size=12),
-    budget=st.integers(50, 120),
+    budget=st.integers(53, 123),
 )
 def test_partition_is_fewest_and_most_balanced(docs, budget):
     documents = [Document(f"d{i}", "text", "s", n_tokens=n, group=g) for i, (g, n) in enumerate(docs)]
-    clusters = build_clusters(documents, NoTokenizer(), budget)
+    clusters = build_clusters(documents, NoTokenizer(), budget, wrapper_tokens=3)
     groups = list(dict.fromkeys(g for g, _ in docs))
     by_group = {g: [d for d in documents if d.group == g] for g in groups}
     assert [d.id for c in clusters for d in c.documents] == [d.id for g in groups for d in by_group[g]]
     for g in groups:
         mine = [c for c in clusters if c.documents[0].group == g]
-        lengths = [d.n_tokens for d in by_group[g]]
+        lengths = [d.n_tokens + 3 for d in by_group[g]]
         best = best_partition(lengths, budget)  # (fewest clusters, smallest largest cluster)
         assert (len(mine), max(c.n_tokens for c in mine)) == best
-        assert all(c.n_tokens == sum(d.n_tokens for d in c.documents) <= budget for c in mine)
+        assert all(c.n_tokens == sum(d.n_tokens + 3 for d in c.documents) <= budget for c in mine)
 
 
 def best_partition(lengths, budget):
@@ -314,7 +325,7 @@ separators = st.sampled_from([" ", " ", " ", "\n", "\n\n", "\n \n\n"])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     texts=st.lists(st.lists(st.tuples(words, separators), min_size=1, max_size=60), min_size=1, max_size=4),
-    budget=st.integers(8, 60),
+    budget=st.integers(18, 70),  # 8 to 60 tokens of text once the 10 of each document's tags are counted
 )
 def test_real_tokenizer_invariants(texts, budget, tokenizer):
     documents = [
@@ -324,3 +335,36 @@ def test_real_tokenizer_invariants(texts, budget, tokenizer):
     order = sorted(documents, key=lambda d: d.group != documents[0].group)  # groups by first appearance
     clusters = build_clusters(documents, tokenizer, budget)
     check_clusters(order, clusters, budget, tokenizer)
+
+
+class _WordTokenizer:  # one token per whitespace-separated word: cluster sizes worked by hand
+    def __call__(self, texts, **kwargs):
+        return {"input_ids": [t.split() for t in texts]}
+
+
+def test_clusters_count_the_tags_around_each_document():
+    # "<document>\nthe red fox\n</document>" is 5 words: each 3-word document takes 5 of the
+    # budget of 10, so 2 per cluster (counting the text alone, 3 would fit: 9 words of text
+    # rendered as 15 words of prompt)
+    documents = [Document(f"d{i}", "the red fox", "s", group="g") for i in range(5)]
+    clusters = build_clusters(documents, _WordTokenizer(), 10)
+    assert [[d.id for d in c.documents] for c in clusters] == [["d0", "d1"], ["d2", "d3"], ["d4"]]
+    assert [c.n_tokens for c in clusters] == [10, 10, 5]
+    assert all(len(render_documents(c.documents).split()) <= 10 for c in clusters)
+    # a document of 9 words leaves room for 8 per piece once its 2 tags are counted
+    long = Document("long", "one two three four five six seven eight nine", "s", group="g")
+    assert [d.text for c in build_clusters([long], _WordTokenizer(), 10) for d in c.documents] == \
+        ["one two three four five six seven eight ", "nine"]
+    with pytest.raises(ValueError, match="cannot hold any document: the prompt puts 2 tokens of tags"):
+        build_clusters(documents, _WordTokenizer(), 2)
+
+
+def test_many_small_documents_fit_the_context_with_their_tags(tokenizer):
+    documents = [Document(f"n{i}", f"Note {i}: the lantern hangs by door {i}.", "s", group="notes")
+                 for i in range(400)]
+    budget = 2000
+    clusters = build_clusters(documents, tokenizer, budget)
+    text_only = sum(oracle_tokens(tokenizer, d.text) for d in documents)
+    assert len(clusters) > text_only / budget + 1  # the tags (10 tokens a document) take room
+    for cluster in clusters:
+        assert oracle_tokens(tokenizer, render_documents(cluster.documents)) <= budget

@@ -5,35 +5,42 @@ hold the whole cluster, and the update on them, with a tiny random model whose p
 
 Outputs are scripted (tests/core/scripted.py): a well-formed doc_qa question, responders right
 half the time, verifiers that judge correctly but one; so the step always has a responder group with
-reward variance, a questioner sample and verifier groups to train.
+reward variance, a questioner sample and verifier groups to train. The responder stage also runs
+the real sampler on its 128k prompt (its samples are then replaced by the script's).
 
-Attention is quadratic in the context: at 128k one forward of even a 1-layer model takes minutes
-on a CPU, so CI runs this test at 4k, and `SPELL_LONG_CTX=128k pytest tests/core/test_long_context.py`
-runs the same test at 128k (bench/long_context.py measures time and memory up to 128k)."""
+What reads the whole cluster: the responder prompt only (the questioner sees the documents the
+history memory selects, the grounding and verifier prompts none), so the step does one 128k
+prefill and the update forwards and back-propagates one 128k prompt, once for the G answers.
+Attention is quadratic in the context: those two passes are the cost of this test, about
+2.7 CPU-minutes on one core at 128k (bench/results/long_context.md).
+`SPELL_LONG_CTX=4k pytest tests/core/test_long_context.py` runs the same test at another length."""
 import json
 import os
 
 import torch
 
 from spell_core.config import RunConfig, parse_ctx
+from spell_core import sampler
 from spell_core.data import build_clusters, load_documents
 from spell_core.loop import SelfPlay
 from spell_core.model import load_pretrained
 from spell_core.task_types import TaskRules
 from spell_core.trainer import Trainer, TrainerOptions
-from tests.core.scripted import scripted_generate
+from tests.core.scripted import role_of, scripted_generate
 
-CTX = parse_ctx(os.environ.get("SPELL_LONG_CTX", "4k"))
+CTX = parse_ctx(os.environ.get("SPELL_LONG_CTX", "128k"))
 RESPONSE = 32
 G = 4
 
 
 def make_model(folder, tokenizer_source):
-    """A random 1-layer Llama, hidden 16, positions 131072 + 1024, saved by transformers."""
+    """A random 1-layer Llama, 2 query heads sharing 1 KV head of 16 (GQA), positions
+    131072 + 1024, saved by transformers. Head dim 16, not 8: PyTorch's CPU flash attention
+    (the cost of this test) takes about half the time per (query, key) pair at 16."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=131072 + 1024,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     torch.manual_seed(0)
@@ -43,9 +50,8 @@ def make_model(folder, tokenizer_source):
 
 
 def make_corpus(folder, tokenizer, budget):
-    """notes.jsonl: one cluster of documents of numbered notes filling 90-97 % of the cluster
-    budget. Documents of ~1000 tokens: the prompt wraps each document in a few tokens of its own,
-    which the cluster budget does not count (many tiny documents would overflow the context)."""
+    """notes.jsonl: one cluster of documents of 60 numbered notes (~1500 tokens), their text
+    filling 90-95 % of the cluster budget (with the tags around each document, at most 97 %)."""
     folder.mkdir(parents=True, exist_ok=True)
     words = ["stone", "well", "garden", "door", "lantern", "key", "river", "tower", "field", "gate"]
     texts = [f"Note {i}: the {words[i % 10]} by the {words[(i * 7) % 10]} is number {i}, near the {words[(i * 3) % 10]}."
@@ -93,7 +99,19 @@ def test_one_self_play_step_and_update_at_the_full_context(tmp_path):
     clusters = build_clusters(documents, tokenizer, budget)
     assert len(clusters) == 1 and 0.9 * budget <= clusters[0].n_tokens <= budget  # a cluster reaching the context
 
-    result = SelfPlay(model, tokenizer, clusters, config, generate=scripted_generate(play)).step()
+    scripted, sampled = scripted_generate(play), []
+
+    def generate(model, tokenizer, prompts, **kwargs):
+        """The script's outputs; the responder stage also runs the real sampler on its prompt
+        (chunked prefill of the whole cluster into the KV cache, G samples decoded on it)."""
+        if role_of(tokenizer.decode(prompts[0])) == "responder":
+            sampled.append(sampler.generate(model, tokenizer, prompts, **kwargs))
+        return scripted(model, tokenizer, prompts, **kwargs)
+
+    result = SelfPlay(model, tokenizer, clusters, config, generate=generate).step()
+    (samples,) = sampled[0]
+    assert len(sampled) == 1 and len(samples) == G
+    assert all(1 <= len(c.token_ids) <= RESPONSE and all(-1e4 < lp <= 0 for lp in c.logprobs) for c in samples)
     roles = {t.role for t in result.trajectories}
     assert roles == {"questioner", "responder", "verifier"}, roles
     responders = [t for t in result.trajectories if t.role == "responder"]
@@ -109,6 +127,12 @@ def test_one_self_play_step_and_update_at_the_full_context(tmp_path):
     metrics = trainer.train_step(result.trajectories)
     assert not metrics["skipped"], metrics
     assert metrics["tokens_trained"] == sum(len(t.response_ids) for t in result.trajectories)
-    # the group's prompt forwarded once: fewer tokens than one copy per responder
-    assert metrics["tokens_forwarded"] < sum(t.num_tokens for t in result.trajectories)
-    assert float((model.lm_head_weight - before).abs().max()) > 0
+    # every distinct prompt forwarded once (the responders' 128k one for the whole group), then the responses
+    prompts = {tuple(t.prompt_ids) for t in result.trajectories}
+    assert metrics["tokens_forwarded"] == sum(map(len, prompts)) + metrics["tokens_trained"]
+    # only the responder prompt holds the whole cluster; the questioner's (empty memory) holds 5 new documents
+    one_per_role = {t.role: t for t in result.trajectories}
+    shown = {role: tokenizer.decode(t.prompt_ids).count("<document>") for role, t in one_per_role.items()}
+    assert shown == {"questioner": min(5, len(clusters[0].documents)), "responder": len(clusters[0].documents),
+                     "verifier": 0}
+    assert float((model.lm_head_weight.detach() - before).abs().max()) > 0

@@ -65,7 +65,8 @@ def test_cli_prints_configuration_and_statistics_then_stops(tiny_model, tiny_cor
     assert field(output, "documents").startswith(f"{4 + len(NOTES)} from 2 works, "
                                                  f"{sum(play_tokens) + sum(note_tokens):,} tokens")
     assert field(output, "clusters").startswith("2,")  # everything fits: one cluster per work
-    sizes = sorted([sum(play_tokens), sum(note_tokens)])
+    tags = len(tokenizer.encode("\n</document>\n\n<document>\n", add_special_tokens=False))  # around each document
+    sizes = sorted([sum(play_tokens) + 4 * tags, sum(note_tokens) + len(NOTES) * tags])  # as the prompts show them
     assert field(output, "tokens per cluster") == f"min {sizes[0]:,}  median {sum(sizes) / 2:,.0f}  max {sizes[1]:,}"
     assert "--steps 0: nothing to train" in output
     saved = json.loads((out / "config.json").read_text())
