@@ -10,15 +10,18 @@ Per GPU, two phases that never overlap:
              flight), plus one micro-batch's activations: every tensor autograd keeps per token
              and layer (counted from the model code: the RMSNorms' fp32 copies, q/k/v after
              RoPE, the attention output and its LSE, the MLP's four I-wide tensors), or with
-             gradient checkpointing one layer input per layer and one layer recomputed, and the
-             backward's working tensors. Under CP a rank holds micro_batch_tokens tokens of
-             the step (its share); the model's parameter dtype is used throughout (bf16 on GPU).
+             gradient checkpointing one layer input per layer and one layer recomputed, plus
+             what is live beside them at the moment the peak falls (`activation_peaks`: the
+             loss's logits chunk, a norm's or the MLP's backward temporaries, the head's
+             gradient). Under CP a rank holds micro_batch_tokens tokens of the step (its share);
+             the model's parameter dtype is used throughout (bf16 on GPU).
   sampling   every rank holds the full weights (gathered once per step) and runs whole
              prompts: the KV cache of one question's group, prompt + G x max_new_tokens tokens
              (the prompt's KV is shared by the G samples), plus one prefill chunk's working set.
 
-Everything is linear in the context: no term holds an (L x L) matrix. The model of the
-activations is checked against measured peaks on CPU in bench/results/plan.md.
+Everything is linear in the context: no term holds an (L x L) matrix. No activation term is calibrated:
+every term is counted from the code, and the activation model is checked against the live
+tensor bytes and the resident set of CPU train steps in bench/results/plan.md.
 """
 from __future__ import annotations
 

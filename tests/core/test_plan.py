@@ -129,3 +129,17 @@ def test_activation_model_against_the_live_bytes_of_a_cpu_step(checkpointing):
     predicted = plan.activations(plan.Shape.from_config(raw, "float32"), 1024, checkpointing, device="cpu",
                                  loss_rows=64, full_gradients=True)
     assert predicted == pytest.approx(measured, rel=0.05)  # 0.5 % and 0.6 % with torch 2.13
+
+
+def test_readme_shows_what_the_planner_prints(capsys):
+    """README's Qwen3-8B example at 128k on 8 x 80 GB: every line it shows under each command is a
+    line the planner prints today (config.json from the fixture instead of the hub)."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    commands = [c for c in readme.split("$ python -m spell_core.plan ")[1:]]
+    assert len(commands) == 2
+    for block in commands:
+        command, *shown = block.split("```")[0].strip().splitlines()
+        argv = command.replace("Qwen/Qwen3-8B", str(QWEN3_8B)).split()
+        plan.main(argv)
+        printed = capsys.readouterr().out.splitlines()
+        assert shown and all(line in printed for line in shown if line != "...")
