@@ -174,7 +174,8 @@ def activation_peaks(shape: Shape, tokens: int, gradient_checkpointing: bool, de
     tensor by tensor against a memory timeline of a CPU step (bench/results/plan.md):
 
       loss (forward)        every layer's saved tensors, the final norm's, its output, the fused
-                            loss's logits chunk (CPU: and a scratch chunk) and its fp32 head gradient
+                            loss's logits chunk (CPU: and a scratch chunk), its fp32 head gradient
+                            and (bf16) that gradient cast to the head's dtype
       final norm (backward) the final norm's backward: 5 fp32 temporaries of the hidden size
       MLP (backward)        a layer's backward at its MLP: the residual gradient, and the gradients
                             of silu(gate) and up beside the product's (which replaced the product)
@@ -207,8 +208,13 @@ def activation_peaks(shape: Shape, tokens: int, gradient_checkpointing: bool, de
     chunk_element = b if device == "cuda" else 4  # the loss computes in fp32 on CPU (kernels/logprob.py)
     chunk_rows = min(rows, max(1, LOGITS_CHUNK_BYTES[device] // (v * chunk_element)))
     chunks = chunk_rows * v * chunk_element * (1 if device == "cuda" else 2)
+    # the head's gradient accumulates in fp32 and is cast to the weight's dtype at the end, both live;
+    # on CPU a half-precision head and its rows are first copied to fp32
+    head_copies = 4 * v * h + (b * v * h if b < 4 else 0)
+    if device != "cuda" and b < 4:
+        head_copies += 4 * v * h + 4 * chunk_rows * h
     peaks["loss (forward)"] = (rope + layers * kept + final_norm + b * h * t + rows * h * (b + chunk_element) + chunks
-                               + 4 * v * h + held)
+                               + head_copies + held)
     peaks["final norm (backward)"] = rope + layers * kept + final_norm + (5 * f - b) * h * t + head_grad + held
 
     mlp_grads, layer_grads = h * i * b, shape.layer_params() * b  # down_proj's; the whole layer's
