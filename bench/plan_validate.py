@@ -1,7 +1,8 @@
 """The memory planner (spell_core/plan.py) against measured peaks on CPU.
 
 Each case runs in a fresh process with glibc told to return freed blocks (memory.MALLOC_ENV):
-a random fp32 model, two warm-up steps on a short trajectory (the libraries' lazy buffers,
+a random model in fp32 or bf16 (all weights and activations in that dtype, as on a GPU; bf16
+matmuls are slow on CPU, so few of those), two warm-up steps on a short trajectory (the libraries' lazy buffers,
 AdamW's state and the update guard's copies then exist, as in a run), then two measured train
 steps: the rise of the resident set's peak (VmHWM) during the first, and the exact peak of live
 tensor bytes (torch.profiler's memory events) during the second. The prediction is the largest
@@ -33,12 +34,16 @@ DESCRIPTIONS = {
     "qwen3 2 x 384": "qwen3 2 x 384 (6 q / 2 kv heads x 64, q/k norm, I 1024, V 8192)",
     "qwen2 2 x 256 tied": "qwen2 2 x 256 tied (4 q / 2 kv heads x 64, q/k/v bias, I 1024, V 8192, tied head)",
 }
-# (sequence length, sequences per step, micro-batch tokens, gradient checkpointing)
-SHAPES = {"llama 4 x 256": [(2048, 2, 4096, False), (4096, 1, 4096, False), (4096, 2, 4096, False),
-                            (4096, 1, 4096, True), (8192, 1, 8192, True)],
-          "qwen3 2 x 384": [(2048, 1, 2048, False), (4096, 1, 4096, False), (4096, 2, 4096, False),
-                            (4096, 2, 8192, False), (4096, 1, 4096, True), (8192, 1, 8192, True)],
-          "qwen2 2 x 256 tied": [(4096, 1, 4096, False), (4096, 2, 4096, False), (8192, 1, 8192, True)]}
+# (sequence length, sequences per step, micro-batch tokens, gradient checkpointing, weights' dtype)
+SHAPES = {"llama 4 x 256": [(2048, 2, 4096, False, "float32"), (4096, 1, 4096, False, "float32"),
+                            (4096, 2, 4096, False, "float32"), (4096, 1, 4096, True, "float32"),
+                            (8192, 1, 8192, True, "float32")],
+          "qwen3 2 x 384": [(2048, 1, 2048, False, "float32"), (4096, 1, 4096, False, "float32"),
+                            (4096, 2, 4096, False, "float32"), (4096, 2, 8192, False, "float32"),
+                            (8192, 1, 8192, True, "float32"), (2048, 1, 2048, False, "bfloat16"),
+                            (8192, 1, 8192, False, "bfloat16"), (4096, 1, 4096, True, "bfloat16")],
+          "qwen2 2 x 256 tied": [(4096, 1, 4096, False, "float32"), (4096, 2, 4096, False, "float32"),
+                                 (8192, 1, 8192, True, "float32")]}
 RESPONSE = 256
 
 
@@ -57,7 +62,7 @@ def run_case(case):
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = CausalLM(ModelConfig.from_hf(raw_config(case["model"])))
+    model = CausalLM(ModelConfig.from_hf(raw_config(case["model"]))).to(getattr(torch, case["dtype"]))
     trainer = Trainer(model, TrainerOptions(lr=1e-5, micro_batch_tokens=case["mb"],
                                             gradient_checkpointing=case["gc"], bf16_autocast=False))
     g = torch.Generator().manual_seed(1)
@@ -102,16 +107,17 @@ def main():
     from memory import MALLOC_ENV, run_json
     from spell_core.plan import Shape
 
-    print("| model | sequence | sequences | micro-batches x tokens | checkpointing | predicted MiB (moment) | "
-          "live tensors MiB | error | resident MiB | error |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | weights | sequence | sequences | micro-batches x tokens | checkpointing | "
+          "predicted MiB (moment) | live tensors MiB | error | resident MiB | error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
     for name in MODELS:
-        shape = Shape.from_config(raw_config(name), "float32")
-        for length, sequences, mb, gc in SHAPES[name]:
-            case = dict(model=name, length=length, sequences=sequences, mb=mb, gc=gc)
+        for length, sequences, mb, gc, dtype in SHAPES[name]:
+            shape = Shape.from_config(raw_config(name), dtype)
+            case = dict(model=name, length=length, sequences=sequences, mb=mb, gc=gc, dtype=dtype)
             got = run_json([os.path.abspath(__file__), "--case", json.dumps(case)], env=MALLOC_ENV)
-            cells = f"| {DESCRIPTIONS[name]} | {length} | {sequences} | "
+            short = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+            cells = f"| {DESCRIPTIONS[name]} | {short} | {length} | {sequences} | "
             if "error" in got:
                 print(cells + f"{mb} | {gc} | error: {got['error']} | | | | |", flush=True)
                 continue

@@ -188,7 +188,8 @@ def activation_peaks(shape: Shape, tokens: int, gradient_checkpointing: bool, de
     unsharded gradient for the whole backward and one layer's at a time; full_gradients (one
     process, no FSDP2) keeps every layer's as it appears; gradients_held: an earlier micro-batch
     of the step left every gradient in place (this one's are added into them)."""
-    b, f, h, i, v, layers = shape.bytes, shape.fp32_copy_bytes, shape.hidden, shape.intermediate, shape.vocab, shape.layers
+    b, f, h, i, v = shape.bytes, shape.fp32_copy_bytes, shape.hidden, shape.intermediate, shape.vocab
+    layers = shape.layers
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     t = tokens
     rows = tokens if loss_rows is None else loss_rows
@@ -202,7 +203,9 @@ def activation_peaks(shape: Shape, tokens: int, gradient_checkpointing: bool, de
         kept, recomputed = saved * t, 0
     final_norm = (f + b) * h * t
     held = shape.params() * b if gradients_held else 0
-    head_grad = 0 if gradients_held else v * h * b  # added into the held one instead
+    # the head's gradient: added into the held one at once, except that autograd sums a tied weight's
+    # two gradients (head and embedding) before it accumulates: then it waits to the end of backward
+    head_grad = 0 if gradients_held and not shape.tied else v * h * b
     peaks = {}
 
     chunk_element = b if device == "cuda" else 4  # the loss computes in fp32 on CPU (kernels/logprob.py)
@@ -225,7 +228,7 @@ def activation_peaks(shape: Shape, tokens: int, gradient_checkpointing: bool, de
         live = rope + (layers - k) * kept + recomputed + b * h * t + head_grad + held + earlier
         peaks["MLP (backward)"] = max(peaks["MLP (backward)"], live + 2 * b * i * t + mlp_grads)
         freed = (4 * b * i + (f + 2 * b) * h) * t  # the MLP's and the post-attention norm's saved tensors
-        working = (b * q + 8 * (q + 2 * kv)) * t  # d_out; fp32 dq, dk, dv twice
+        working = (b * q + 8 * (q + 2 * kv)) * t  # d_out; fp32 dq, dk, dv twice (CPU kernel; Triton: fewer)
         peaks["attention (backward)"] = max(peaks["attention (backward)"], live - freed + working + attn_grads)
     if full_gradients or gradients_held:
         grads = shape.params() * b + (v * h * b if shape.tied or gradients_held else 0)  # + the embedding's, added
