@@ -19,9 +19,9 @@ Per GPU, two phases that never overlap:
              prompts: the KV cache of one question's group, prompt + G x max_new_tokens tokens
              (the prompt's KV is shared by the G samples), plus one prefill chunk's working set.
 
-Everything is linear in the context: no term holds an (L x L) matrix. No activation term is calibrated:
-every term is counted from the code, and the activation model is checked against the live
-tensor bytes and the resident set of CPU train steps in bench/results/plan.md.
+Everything is linear in the context: no term holds an (L x L) matrix. No activation term is
+calibrated: each is counted from the code, and the activation model is checked against the
+live tensor bytes and the resident set of CPU train steps in bench/results/plan.md.
 """
 from __future__ import annotations
 
