@@ -50,6 +50,8 @@ def test_qwen3_8b_at_128k_on_8_gpus_by_hand():
     assert per_token == 567936
     expected = per_token * 32768 + 151936 * 4096 * 2 + 4096 * 12288 * 2
     assert p.parts["activations, gradient checkpointing"] == expected == 19_955_449_856  # 18.58 GiB
+    peaks = plan.activation_peaks(shape, 32768, True)
+    assert max(peaks, key=peaks.get) == "MLP (backward)"
     # without checkpointing the loss's forward is the peak. Per token: cos/sin, every layer's saved
     # tensors, the final norm's fp32 input and bf16 output (4 + 2) x 4096, its result 2 x 4096, the
     # gathered rows and their gradient 2 x 2 x 4096 (at most every token trains); beside them one
@@ -58,6 +60,8 @@ def test_qwen3_8b_at_128k_on_8_gpus_by_hand():
     per_token = 2 * 2 * 128 + 36 * per_token_layer + 6 * 4096 + 2 * 4096 + 2 * 2 * 4096
     expected = per_token * 32768 + 3533 * 151936 * 2 + 151936 * 4096 * (4 + 2)
     assert p.parts["activations, no checkpointing"] == expected  # 242.4 GiB
+    peaks = plan.activation_peaks(shape, 32768, False)
+    assert max(peaks, key=peaks.get) == "loss (forward)"
     assert p.fits and "fits with" in p.advice[0]
     without = plan.plan_memory(shape, 131072, gpus=8, cp=4, gpu_memory=80 * GiB)
     assert not without.fits and "--gradient-checkpointing" in without.advice[0]
