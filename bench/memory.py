@@ -7,6 +7,12 @@ CPU: the resident set's high-water mark (VmHWM). A child process inherits its pa
 /proc/self/clear_refs (Linux >= 4.0) once the inputs exist, and the peak is reported as the
 rise above the level at that moment. torch's CPU tensors are plain malloc, so the resident set
 sees them (tracemalloc would not). CUDA: torch.cuda.max_memory_allocated, reset the same way.
+
+glibc keeps freed blocks below its mmap threshold resident for reuse, and raises that threshold
+(up to 32 MiB) each time a larger block is freed, so a step's resident peak can sit well above its
+live bytes. Children run with MALLOC_ENV get every block of 64 KiB or more from mmap and give it
+back on free: their resident set then follows the live tensors (bench/results/plan.md measured
+both within 2 % of each other). `live_tensor_peak` counts the live bytes themselves.
 """
 import gc
 import json
@@ -18,6 +24,8 @@ import time
 import torch
 
 MiB = 2**20
+# glibc malloc: blocks >= 64 KiB from mmap (returned on free), no heap top kept, one arena
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1"}
 _RESET_SLACK = 4 * MiB  # after a reset the mark may sit this far above the level read just before
 
 
@@ -69,6 +77,32 @@ def time_and_peak(run, reps: int = 1, device: str = "cpu") -> dict:
         if rep == 0:
             peak = peak_bytes(device) - base
     return {"peak_extra_bytes": int(peak), "best_s": min(times), "best_cpu_s": min(cpu_times), "times_s": times}
+
+
+def live_tensor_peak(run) -> dict:
+    """Call run() once under torch.profiler with profile_memory: the exact peak rise of the bytes
+    PyTorch's CPU allocator has handed out and not yet taken back (every tensor, and every buffer
+    an op allocates through it; not malloc calls of other libraries), and the op that reached it.
+    The allocator's running total carries over from earlier profiled calls (frees outside the
+    profiler are not counted), so the rise is taken from its value before the first event."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events, stack = [], [(node, ()) for node in prof.profiler.kineto_results.experimental_event_tree()]
+    while stack:
+        node, parents = stack.pop()
+        fields = node.extra_fields
+        if type(fields).__name__ == "_ExtraFields_Allocation":
+            events.append((node.start_time_ns, fields.total_allocated, fields.alloc_size, " / ".join(parents[-2:])))
+        stack.extend((child, parents + (node.name,)) for child in node.children)
+    if not events:
+        return {"live_peak_bytes": 0, "live_peak_at": ""}
+    events.sort(key=lambda e: e[0])
+    base = events[0][1] - events[0][2]
+    _, total, _, where = max(events, key=lambda e: e[1])
+    return {"live_peak_bytes": int(max(0, total - base)), "live_peak_at": where}
 
 
 def run_json(argv: list[str], env: dict | None = None, label: str = "") -> dict:

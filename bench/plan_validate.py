@@ -1,12 +1,17 @@
 """The memory planner (spell_core/plan.py) against measured peaks on CPU.
 
-Each case runs in a fresh process: a random fp32 model, a warm-up step on a short trajectory
-(the libraries' lazy buffers and AdamW's state then exist, as in a run), then the peak rise of
-the resident set during a train step (bench/memory.py), beside the planner's `activations()` for the largest micro-batch of the
-step. Prints a markdown table; the error is (predicted - measured) / measured.
+Each case runs in a fresh process with glibc told to return freed blocks (memory.MALLOC_ENV):
+a random model in fp32 or bf16 (all weights and activations in that dtype, as on a GPU; bf16
+matmuls are slow on CPU, so few of those), two warm-up steps on a short trajectory (the libraries' lazy buffers,
+AdamW's state and the update guard's copies then exist, as in a run), then two measured train
+steps: the rise of the resident set's peak (VmHWM) during the first, and the exact peak of live
+tensor bytes (torch.profiler's memory events) during the second. The prediction is the largest
+of the planner's `activations()` over the step's micro-batches (the second and later ones find
+the first one's gradients in place). Prints a markdown table; an error is
+(predicted - measured) / measured.
 
     python bench/plan_validate.py            # the table of bench/results/plan.md
-    python bench/plan_validate.py --case '{"layers": 2, ...}'   # one case (what the table runs)
+    python bench/plan_validate.py --case '{"model": "qwen3 2 x 384", ...}'   # one case
 """
 import argparse
 import json
@@ -20,30 +25,44 @@ MODELS = {
                           num_attention_heads=8, num_key_value_heads=2, vocab_size=4096),
     "qwen3 2 x 384": dict(model_type="qwen3", hidden_size=384, intermediate_size=1024, num_hidden_layers=2,
                           num_attention_heads=6, num_key_value_heads=2, head_dim=64, vocab_size=8192),
+    "qwen2 2 x 256 tied": dict(model_type="qwen2", hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=8192,
+                               tie_word_embeddings=True),
 }
-# (sequence length, sequences per step, micro-batch tokens, gradient checkpointing)
-SHAPES = {"llama 4 x 256": [(2048, 2, 4096, False), (8192, 1, 8192, False), (8192, 2, 16384, False),
-                            (8192, 1, 8192, True), (16384, 1, 16384, True)],
-          "qwen3 2 x 384": [(4096, 1, 4096, False), (8192, 2, 8192, False), (8192, 1, 8192, True)]}
+DESCRIPTIONS = {
+    "llama 4 x 256": "llama 4 x 256 (8 q / 2 kv heads x 32, I 768, V 4096)",
+    "qwen3 2 x 384": "qwen3 2 x 384 (6 q / 2 kv heads x 64, q/k norm, I 1024, V 8192)",
+    "qwen2 2 x 256 tied": "qwen2 2 x 256 tied (4 q / 2 kv heads x 64, q/k/v bias, I 1024, V 8192, tied head)",
+}
+# (sequence length, sequences per step, micro-batch tokens, gradient checkpointing, weights' dtype)
+SHAPES = {"llama 4 x 256": [(2048, 2, 4096, False, "float32"), (4096, 1, 4096, False, "float32"),
+                            (4096, 2, 4096, False, "float32"), (4096, 1, 4096, True, "float32"),
+                            (8192, 1, 8192, True, "float32")],
+          "qwen3 2 x 384": [(2048, 1, 2048, False, "float32"), (4096, 1, 4096, False, "float32"),
+                            (4096, 2, 4096, False, "float32"), (4096, 2, 8192, False, "float32"),
+                            (8192, 1, 8192, True, "float32"), (2048, 1, 2048, False, "bfloat16"),
+                            (8192, 1, 8192, False, "bfloat16"), (4096, 1, 4096, True, "bfloat16")],
+          "qwen2 2 x 256 tied": [(4096, 1, 4096, False, "float32"), (4096, 2, 4096, False, "float32"),
+                                 (8192, 1, 8192, True, "float32")]}
 RESPONSE = 256
 
 
 def raw_config(name):
-    return dict(MODELS[name], architectures=[], max_position_embeddings=65536, rope_theta=10000.0,
-                rms_norm_eps=1e-6, tie_word_embeddings=False)
+    return dict(dict(architectures=[], max_position_embeddings=65536, rope_theta=10000.0, rms_norm_eps=1e-6,
+                     tie_word_embeddings=False), **MODELS[name])
 
 
 def run_case(case):
     import torch
 
-    from memory import time_and_peak
+    from memory import live_tensor_peak, time_and_peak
     from spell_core.batch import Trajectory
     from spell_core.model import CausalLM, ModelConfig
     from spell_core.trainer import Trainer, TrainerOptions, plan_micro_batches
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = CausalLM(ModelConfig.from_hf(raw_config(case["model"])))
+    model = CausalLM(ModelConfig.from_hf(raw_config(case["model"]))).to(getattr(torch, case["dtype"]))
     trainer = Trainer(model, TrainerOptions(lr=1e-5, micro_batch_tokens=case["mb"],
                                             gradient_checkpointing=case["gc"], bf16_autocast=False))
     g = torch.Generator().manual_seed(1)
@@ -53,14 +72,29 @@ def run_case(case):
         prompt = torch.randint(0, vocab, (case["length"] - RESPONSE,), generator=g).tolist()
         response = torch.randint(0, vocab, (RESPONSE,), generator=g).tolist()
         trajectories.append(Trajectory("responder", prompt, response, [-8.0] * RESPONSE, 1.0, group=f"g{i}"))
-    # warm-up on one short trajectory: the libraries' lazy buffers and AdamW's state exist from
-    # here on, and the few blocks it frees are too small to hide the measured step's peak
-    trainer.train_step([Trajectory("responder", trajectories[0].prompt_ids[:64], trajectories[0].response_ids[:8],
-                                   [-8.0] * 8, 1.0)])
-    largest = max(plan_micro_batches(trajectories, case["mb"]), key=lambda mb: mb.layout.num_tokens)
-    result = time_and_peak(lambda: trainer.train_step(trajectories))
-    return {"measured": result["peak_extra_bytes"], "tokens": largest.layout.num_tokens,
-            "loss_rows": int(largest.targets.numel())}
+    # two warm-up steps on one short trajectory: the libraries' lazy buffers, AdamW's state and the
+    # update guard's copies of it exist from here on, as in a run
+    short = Trajectory("responder", trajectories[0].prompt_ids[:64], trajectories[0].response_ids[:8], [-8.0] * 8, 1.0)
+    for _ in range(2):
+        trainer.train_step([short])
+    micro_batches = [(mb.layout.num_tokens, int(mb.targets.numel()))
+                     for mb in plan_micro_batches(trajectories, case["mb"])]
+    rss = time_and_peak(lambda: trainer.train_step(trajectories))
+    live = live_tensor_peak(lambda: trainer.train_step(trajectories))
+    return {"rss_peak_bytes": rss["peak_extra_bytes"], **live, "micro_batches": micro_batches}
+
+
+def predicted(shape, micro_batches, gc):
+    """The planner's peak over the step's micro-batches, and the moment it names."""
+    from spell_core.plan import activation_peaks
+
+    best = (0, "")
+    for index, (tokens, rows) in enumerate(micro_batches):
+        peaks = activation_peaks(shape, tokens, gc, device="cpu", loss_rows=rows, full_gradients=True,
+                                 gradients_held=index > 0)
+        where = max(peaks, key=peaks.get)
+        best = max(best, (peaks[where], where + (f", micro-batch {index + 1}" if len(micro_batches) > 1 else "")))
+    return best
 
 
 def main():
@@ -70,26 +104,31 @@ def main():
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return
-    from memory import run_json
-    from spell_core.plan import Shape, activations
+    from memory import MALLOC_ENV, run_json
+    from spell_core.plan import Shape
 
-    print("| model | sequence | sequences | micro-batch tokens | checkpointing | predicted MiB | measured MiB | error |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | weights | sequence | sequences | micro-batches x tokens | checkpointing | "
+          "predicted MiB (moment) | live tensors MiB | error | resident MiB | error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
     for name in MODELS:
-        shape = Shape.from_config(raw_config(name), "float32")
-        for length, sequences, mb, gc in SHAPES[name]:
-            case = dict(model=name, length=length, sequences=sequences, mb=mb, gc=gc)
-            got = run_json([os.path.abspath(__file__), "--case", json.dumps(case)])
+        for length, sequences, mb, gc, dtype in SHAPES[name]:
+            shape = Shape.from_config(raw_config(name), dtype)
+            case = dict(model=name, length=length, sequences=sequences, mb=mb, gc=gc, dtype=dtype)
+            got = run_json([os.path.abspath(__file__), "--case", json.dumps(case)], env=MALLOC_ENV)
+            short = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+            cells = f"| {DESCRIPTIONS[name]} | {short} | {length} | {sequences} | "
             if "error" in got:
-                print(f"| {name} | {length} | {sequences} | {mb} | {gc} | - | - | error: {got['error']} |")
+                print(cells + f"{mb} | {gc} | error: {got['error']} | | | | |", flush=True)
                 continue
-            predicted = activations(shape, got["tokens"], gc, device="cpu", loss_rows=got["loss_rows"],
-                                    full_gradients=True)
-            error = (predicted - got["measured"]) / got["measured"]
-            worst = max(worst, abs(error))
-            print(f"| {name} | {length} | {sequences} | {mb} | {'yes' if gc else 'no'} | {predicted / 2**20:.0f} | "
-                  f"{got['measured'] / 2**20:.0f} | {error:+.1%} |", flush=True)
+            tokens = [t for t, _ in got["micro_batches"]]
+            value, where = predicted(shape, got["micro_batches"], gc)
+            errors = [(value - got[k]) / got[k] for k in ("live_peak_bytes", "rss_peak_bytes")]
+            worst = max([worst] + [abs(e) for e in errors])
+            layout = f"{len(tokens)} x {max(tokens)}"
+            print(cells + f"{layout} | {'yes' if gc else 'no'} | {value / 2**20:.1f} ({where}) | "
+                  f"{got['live_peak_bytes'] / 2**20:.1f} | {errors[0]:+.1%} | {got['rss_peak_bytes'] / 2**20:.1f} | "
+                  f"{errors[1]:+.1%} |", flush=True)
     print(f"\nlargest error: {worst:.1%}")
 
 

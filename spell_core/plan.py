@@ -10,15 +10,18 @@ Per GPU, two phases that never overlap:
              flight), plus one micro-batch's activations: every tensor autograd keeps per token
              and layer (counted from the model code: the RMSNorms' fp32 copies, q/k/v after
              RoPE, the attention output and its LSE, the MLP's four I-wide tensors), or with
-             gradient checkpointing one layer input per layer and one layer recomputed, and the
-             backward's working tensors. Under CP a rank holds micro_batch_tokens tokens of
-             the step (its share); the model's parameter dtype is used throughout (bf16 on GPU).
+             gradient checkpointing one layer input per layer and one layer recomputed, plus
+             what is live beside them at the moment the peak falls (`activation_peaks`: the
+             loss's logits chunk, a norm's or the MLP's backward temporaries, the head's
+             gradient). Under CP a rank holds micro_batch_tokens tokens of the step (its share);
+             the model's parameter dtype is used throughout (bf16 on GPU).
   sampling   every rank holds the full weights (gathered once per step) and runs whole
              prompts: the KV cache of one question's group, prompt + G x max_new_tokens tokens
              (the prompt's KV is shared by the G samples), plus one prefill chunk's working set.
 
-Everything is linear in the context: no term holds an (L x L) matrix. The model of the
-activations is checked against measured peaks on CPU in bench/results/plan.md.
+Everything is linear in the context: no term holds an (L x L) matrix. No activation term is
+calibrated: each is counted from the code, and the activation model is checked against the
+live tensor bytes and the resident set of CPU train steps in bench/results/plan.md.
 """
 from __future__ import annotations
 
@@ -85,22 +88,21 @@ class Shape:
     def params(self) -> int:
         return self.layers * self.layer_params() + self.root_params()
 
+    @property
+    def fp32_copy_bytes(self) -> int:
+        """Bytes per element of the fp32 copies RMSNorm makes (x.float(): no copy when fp32 already)."""
+        return max(4, self.bytes)
+
     def activation_bytes_per_token_layer(self) -> int:
         """What autograd keeps per token in one decoder layer (spell_core/model.py): each RMSNorm
         its fp32 input and normalised output (4 + b) H plus its output b H; q and k after RoPE,
         v, the attention output (b each) and its fp32 LSE; gate, silu(gate), up and their
         product (b I each); with q/k norm their fp32 inputs and outputs."""
         b, h, d = self.bytes, self.hidden, self.head_dim
-        norm = (4 if b < 4 else b) * h + 2 * b * h
+        norm = self.fp32_copy_bytes * h + 2 * b * h
         attn = b * (2 * self.heads * d + 2 * self.kv_heads * d) + 4 * self.heads
-        qk_norm = ((4 if b < 4 else b) + b) * (self.heads + self.kv_heads) * d if self.qk_norm else 0
+        qk_norm = (self.fp32_copy_bytes + b) * (self.heads + self.kv_heads) * d if self.qk_norm else 0
         return 2 * norm + attn + qk_norm + 4 * b * self.intermediate
-
-    def backward_working_bytes_per_token(self) -> int:
-        """The backward's transient tensors of one layer: the gradient of each tensor it saved
-        has that tensor's shape, so about one layer's activations again (the CPU validation
-        measures it so, bench/results/plan.md)."""
-        return self.activation_bytes_per_token_layer()
 
 
 @dataclass
@@ -163,32 +165,85 @@ class MemoryPlan:
                 "fits": self.fits, "advice": self.advice}
 
 
-def activations(shape: Shape, tokens: int, gradient_checkpointing: bool, device: str = "cuda",
-                loss_rows: int | None = None, full_gradients: bool = False) -> int:
-    """Peak bytes of one micro-batch of `tokens` tokens on one rank, beyond weights, gradient
-    shards and optimizer state: autograd's saved tensors, the backward's working set, the loss
-    head's logits chunk, and the unsharded gradients FSDP2 holds until it reduce-scatters them
-    (the root's for the whole backward, one layer's at a time). full_gradients: one process
-    without FSDP, whose gradients appear layer by layer while the activations go (the CPU
-    validation, bench/plan_validate.py)."""
-    b, h = shape.bytes, shape.hidden
-    per_layer = shape.activation_bytes_per_token_layer() * tokens
-    outside = ((4 if b < 4 else b) * h + 2 * b * h) * tokens + 2 * b * shape.head_dim * tokens  # final norm, cos/sin
+def activation_peaks(shape: Shape, tokens: int, gradient_checkpointing: bool, device: str = "cuda",
+                     loss_rows: int | None = None, full_gradients: bool = False,
+                     gradients_held: bool = False) -> dict[str, int]:
+    """Bytes live on one rank, beyond weights, gradient shards and optimizer state, at each moment
+    of one micro-batch of `tokens` tokens where the peak can fall, counted from what the code
+    allocates (spell_core/model.py, kernels/policy_loss.py, kernels/attn_cpu.py) and checked
+    tensor by tensor against a memory timeline of a CPU step (bench/results/plan.md):
+
+      loss (forward)        every layer's saved tensors, the final norm's, its output, the fused
+                            loss's logits chunk (CPU: and a scratch chunk), its fp32 head gradient
+                            and (bf16) that gradient cast to the head's dtype
+      final norm (backward) the final norm's backward: 5 fp32 temporaries of the hidden size
+      MLP (backward)        a layer's backward at its MLP: the residual gradient, and the gradients
+                            of silu(gate) and up beside the product's (which replaced the product)
+      attention (backward)  a layer's backward at its attention: d_out, fp32 dq/dk/dv accumulators
+                            and the kernel's own dq/dk/dv, the MLP's tensors already freed
+      end of backward       the embedding's gradient, every activation freed
+
+    With gradient checkpointing a layer keeps only its input, and the layer being back-propagated
+    holds its saved tensors again (recomputed). Gradients: FSDP2 (default) keeps the head's
+    unsharded gradient for the whole backward and one layer's at a time; full_gradients (one
+    process, no FSDP2) keeps every layer's as it appears; gradients_held: an earlier micro-batch
+    of the step left every gradient in place (this one's are added into them)."""
+    b, f, h, i, v = shape.bytes, shape.fp32_copy_bytes, shape.hidden, shape.intermediate, shape.vocab
+    layers = shape.layers
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    t = tokens
     rows = tokens if loss_rows is None else loss_rows
-    head = min(rows * shape.vocab * 4, LOGITS_CHUNK_BYTES[device]) + b * h * rows  # logits chunk, gathered rows
-    working = shape.backward_working_bytes_per_token() * tokens
-    layer_grads = shape.layer_params() * b
-    root_grads = shape.root_params() * b
-    kept = shape.layers * b * h * tokens if gradient_checkpointing else shape.layers * per_layer
-    # backward from the last layer: its activations go as its gradients come
-    peak, acts, grads = 0, kept + outside, root_grads
-    for _ in range(shape.layers):
-        # the layer being recomputed: its saved tensors, and part of its forward's own transients
-        in_flight = 3 * per_layer // 2 if gradient_checkpointing else 0
-        peak = max(peak, acts + in_flight + grads + head + working + (0 if full_gradients else layer_grads))
-        acts -= b * h * tokens if gradient_checkpointing else per_layer
-        grads += layer_grads if full_gradients else 0
-    return max(peak, grads + head)
+    saved = shape.activation_bytes_per_token_layer()
+    rope = 2 * b * shape.head_dim * t  # cos and sin, (T, head_dim) each
+    if gradient_checkpointing:
+        kept = b * h * t  # a layer's input, the checkpoint's only saved tensor
+        # the layer in backward, recomputed: its saved tensors, less its input when x.float() is x itself
+        recomputed = (saved - (b * h if b >= 4 else 0)) * t
+    else:
+        kept, recomputed = saved * t, 0
+    final_norm = (f + b) * h * t
+    held = shape.params() * b if gradients_held else 0
+    # the head's gradient: added into the held one at once, except that autograd sums a tied weight's
+    # two gradients (head and embedding) before it accumulates: then it waits to the end of backward
+    head_grad = 0 if gradients_held and not shape.tied else v * h * b
+    peaks = {}
+
+    chunk_element = b if device == "cuda" else 4  # the loss computes in fp32 on CPU (kernels/logprob.py)
+    chunk_rows = min(rows, max(1, LOGITS_CHUNK_BYTES[device] // (v * chunk_element)))
+    chunks = chunk_rows * v * chunk_element * (1 if device == "cuda" else 2)
+    # the head's gradient accumulates in fp32 and is cast to the weight's dtype at the end, both live;
+    # on CPU a half-precision head and its rows are first copied to fp32
+    head_copies = 4 * v * h + (b * v * h if b < 4 else 0)
+    if device != "cuda" and b < 4:
+        head_copies += 4 * v * h + 4 * chunk_rows * h
+    peaks["loss (forward)"] = (rope + layers * kept + final_norm + b * h * t + rows * h * (b + chunk_element) + chunks
+                               + head_copies + held)
+    peaks["final norm (backward)"] = rope + layers * kept + final_norm + (5 * f - b) * h * t + head_grad + held
+
+    mlp_grads, layer_grads = h * i * b, shape.layer_params() * b  # down_proj's; the whole layer's
+    attn_grads = (q * h if gradients_held else 3 * h * i + q * h) * b  # o_proj's (and the MLP's, not yet reduced)
+    peaks["MLP (backward)"] = peaks["attention (backward)"] = 0
+    for k in range(layers):  # from the last layer down
+        earlier = k * layer_grads if full_gradients and not gradients_held else 0
+        live = rope + (layers - k) * kept + recomputed + b * h * t + head_grad + held + earlier
+        peaks["MLP (backward)"] = max(peaks["MLP (backward)"], live + 2 * b * i * t + mlp_grads)
+        freed = (4 * b * i + (f + 2 * b) * h) * t  # the MLP's and the post-attention norm's saved tensors
+        working = (b * q + 8 * (q + 2 * kv)) * t  # d_out; fp32 dq, dk, dv twice (CPU kernel; Triton: fewer)
+        peaks["attention (backward)"] = max(peaks["attention (backward)"], live - freed + working + attn_grads)
+    if full_gradients or gradients_held:
+        grads = shape.params() * b + (v * h * b if shape.tied or gradients_held else 0)  # + the embedding's, added
+    else:
+        grads = shape.root_params() * b + layer_grads
+    peaks["end of backward"] = rope + b * h * t + grads
+    return peaks
+
+
+def activations(shape: Shape, tokens: int, gradient_checkpointing: bool, device: str = "cuda",
+                loss_rows: int | None = None, full_gradients: bool = False, gradients_held: bool = False) -> int:
+    """Peak bytes of one micro-batch on one rank beyond weights, gradient shards and optimizer
+    state: the largest of `activation_peaks`."""
+    return max(activation_peaks(shape, tokens, gradient_checkpointing, device, loss_rows, full_gradients,
+                                gradients_held).values())
 
 
 def plan_memory(shape: Shape, ctx: int, gpus: int = 1, cp: int = 1, gpu_memory: int = 80 * GiB,
