@@ -29,11 +29,13 @@ from spell_core.run_folder import flatten_config
 # ctx is the document budget of a cluster (the prompt and the response come on top).
 GPU_DEFAULTS = dict(ctx=16 * 1024, steps=70, questions=480, kept_groups=128, max_rounds=10, group_size=8,
                     max_new_tokens=4096, micro_batch_tokens=32768, save_every=10)
-CPU_DEFAULTS = dict(ctx=1024, steps=1, questions=8, kept_groups=8, max_rounds=1, group_size=4,
-                    max_new_tokens=192, micro_batch_tokens=3072, save_every=1)
-# A CPU update of the 0.5B default with 8192-token micro-batches and stored activations peaked at
-# 18.2 GB and was killed on a 24 GB machine (bench/results/loop.md): CPU runs recompute activations
-# and pack 3072 tokens (a responder group of ctx 1k + 1024 prompt room + 4 x 192 fits).
+CPU_DEFAULTS = dict(ctx=512, steps=1, questions=8, kept_groups=8, max_rounds=1, group_size=4,
+                    max_new_tokens=160, micro_batch_tokens=2048, save_every=1)
+# Chosen by measurement on a 2-core CPU (bench/results/loop.md): a step of the 0.5B default is
+# ~45 % update (compute-bound, ~46 ms a forwarded token on one thread) and ~55 % sampling, whose
+# decode steps cost about the same for 8 rows as for 40. 2048-token micro-batches with stored
+# activations peak at 13 GB (8192 tokens: 18.2 GB, killed on a 24 GB machine); a responder group
+# (512 + ~250 prompt + 4 x 160) fits one micro-batch.
 THINKING_MAX_NEW_TOKENS = 20 * 1024  # SPEC: 20k-token responses for reasoning models (GPU default)
 KNOBS = ("ctx", "steps", "questions", "kept_groups", "max_rounds", "group_size", "max_new_tokens",
          "micro_batch_tokens", "save_every")
@@ -105,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "triangle (1 - 2|r - 0.5|) (default: gaussian)")
     _add_method_options(parser)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                        help="recompute activations in backward (default: on for a CPU run, off on a GPU)")
+                        help="recompute activations in backward: a quarter more compute for much less memory "
+                             "(default: off)")
     parser.add_argument("--overlap-grounding", action=argparse.BooleanOptionalAction, default=None,
                         help="sample the grounding filter's answers together with the responders' (one decode loop "
                              "instead of two; the answers to questions the filter rejects are dropped) (default: on "
@@ -244,7 +247,7 @@ def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse
     if args.threads is None:
         args.threads, args.threads_why = (0, "") if table is GPU_DEFAULTS else idle_core_threads()
     if args.gradient_checkpointing is None:
-        args.gradient_checkpointing = table is CPU_DEFAULTS
+        args.gradient_checkpointing = False
     if args.overlap_grounding is None:
         args.overlap_grounding = table is CPU_DEFAULTS
     for key in KNOBS:
