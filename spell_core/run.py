@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "the copy costs 3x the weights in memory and a NaN/Inf step stops the run unsaved)")
     parser.add_argument("--threads", type=_count(0), default=None,
                         help="CPU threads of torch; 0: torch's default, one per core (default on a CPU run: the "
-                             "idle cores, i.e. cores minus the load average, at least 1, since a thread waiting for "
+                             "idle cores (measured over half a second), at least 1, since a thread waiting for "
                              "a busy core slows every matrix product; 0 on a GPU run)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (summary lines only)")
     parser.add_argument("--cp", type=_count(1), default=1,
