@@ -43,11 +43,13 @@ def idle_core_threads(cores: int | None = None, busy: float | None = None, local
     import torch
 
     cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    cap = torch.get_num_threads() if cap is None else cap
+    if cap == 1 and busy is None:
+        return 1, "torch's limit 1"  # nothing to measure
     how = "busy"
     if busy is None:
         busy, how = busy_cores(cores)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if local_ranks is None else local_ranks
-    cap = torch.get_num_threads() if cap is None else cap
     share = max(1, round(cores - busy)) // max(1, local_ranks)
     threads = max(1, min(cap, share))
     why = f"{cores} cores, {busy:.1f} {how}"

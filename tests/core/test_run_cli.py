@@ -134,7 +134,7 @@ def test_method_flags_reach_the_config_and_the_trainer(monkeypatch):
     assert (options.clip_low, options.clip_high, options.dual_clip) == (0.1, 0.3, None)  # 0: dual clip off
     assert config.data.tasks == ["doc_qa", "docmath=doc_math"]
     assert config.loop.memory_admission == "paper" and config.loop.enable_thinking is True
-    assert config.sampling.max_response_tokens == 192  # thinking keeps the CPU default on a CPU
+    assert config.sampling.max_response_tokens == 160  # thinking keeps the CPU default on a CPU
     defaults = trainer_options(*config_from_args(["--device", "cpu"]))
     assert (defaults.clip_low, defaults.clip_high, defaults.dual_clip) == (0.2, 0.2, 3.0)
 
@@ -146,17 +146,26 @@ def test_method_flags_reach_the_config_and_the_trainer(monkeypatch):
     assert config_from_args(["--enable-thinking", "--max-new-tokens", "8000"])[0].sampling.max_response_tokens == 8000
 
 
-def test_cpu_runs_recompute_activations_and_pack_3072_tokens(monkeypatch):
-    """The CPU update of the 0.5B default stored 18.2 GB with 8192-token micro-batches (bench/results/loop.md)."""
+def test_cpu_runs_pack_2048_tokens_overlap_grounding_and_keep_no_rollback_snapshot(monkeypatch):
+    """CPU defaults chosen by measurement (bench/results/loop.md): stored activations of 2048-token
+    micro-batches (8192 tokens stored 18.2 GB), no 3x-the-weights snapshot, one decode loop for
+    grounding and responders."""
     from spell_core.run import config_from_args, trainer_options
 
-    cpu = trainer_options(*config_from_args(["--device", "cpu"]))
-    assert (cpu.gradient_checkpointing, cpu.micro_batch_tokens) == (True, 3072)
-    # a responder group at the CPU defaults fits one micro-batch: 1024 documents + 1024 prompt room + 4 x 192
-    assert 1024 + 1024 + 4 * 192 <= cpu.micro_batch_tokens
+    config, args = config_from_args(["--device", "cpu"])
+    cpu = trainer_options(config, args)
+    assert (cpu.gradient_checkpointing, cpu.micro_batch_tokens, cpu.rollback_snapshot) == (False, 2048, None)
+    assert config.loop.overlap_grounding is True
+    # the longest trajectory at the CPU defaults fits one micro-batch: 512 documents + 1024 prompt room + 160
+    assert (config.data.ctx, config.sampling.max_response_tokens) == (512, 160)
+    assert 512 + 1024 + 160 <= cpu.micro_batch_tokens
+    on = trainer_options(*config_from_args(["--device", "cpu", "--gradient-checkpointing", "--rollback-snapshot"]))
+    assert (on.gradient_checkpointing, on.rollback_snapshot) == (True, True)
     off = trainer_options(*config_from_args(["--device", "cpu", "--no-gradient-checkpointing"]))
     assert off.gradient_checkpointing is False
     monkeypatch.setattr("spell_core.run._resolve_device", lambda device: "cuda")
-    gpu = trainer_options(*config_from_args([]))
+    gpu_config, gpu_args = config_from_args([])
+    gpu = trainer_options(gpu_config, gpu_args)
     assert (gpu.gradient_checkpointing, gpu.micro_batch_tokens) == (False, 32768)
+    assert gpu_config.loop.overlap_grounding is False
     assert trainer_options(*config_from_args(["--gradient-checkpointing"])).gradient_checkpointing is True
