@@ -266,6 +266,7 @@ def plot_metrics(history: list[dict], path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from spell_core.validation import has_eval, plot_eval_panel
 
@@ -293,6 +294,7 @@ def plot_metrics(history: list[dict], path) -> None:
         bottom.plot(steps, values, marker="o", label=key)
     bottom.set_ylabel("share of questions")
     axes[-1].set_xlabel("step")
+    axes[-1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # steps are whole numbers
     bottom.set_ylim(-0.05, 1.05)
     bottom.legend(loc="best", fontsize="small")
     bottom.grid(alpha=0.3)
