@@ -16,7 +16,7 @@ each response) is cut zigzag like a sequence, so the prompt is forwarded and bac
 once, sharded, and each rank holds (prompt + sum of responses) / CP tokens. Attention is
 `spell_kernels.ring_shared_prefix_attn_func` (`RingSharedPrefixAttention`): the responses'
 queries see their own segment causally and, through the same K/V ring, every real key of the
-prompt's shards, merged by log-sum-exp (kernels/ring_shared_prefix.py).
+prompt's shards, merged by log-sum-exp (spell_kernels/ring_shared_prefix.py).
 Dynamic-NTK RoPE is refused (its frequencies depend on the sequence length a shard does not see).
 """
 from __future__ import annotations

@@ -37,12 +37,19 @@ def busy_cores(cores: int, window_s: float = 0.5) -> tuple[float, str]:
     return cores * (busy1 - busy0) / (total1 - total0), "busy"
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on: its affinity where the OS has one (macOS has none)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def idle_core_threads(cores: int | None = None, busy: float | None = None, local_ranks: int | None = None,
                       cap: int | None = None) -> tuple[int, str]:
     """(threads, why) for this process; arguments default to what the machine reports."""
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    cores = usable_cores() if cores is None else cores
     cap = torch.get_num_threads() if cap is None else cap
     if cap == 1 and busy is None:
         return 1, "torch's limit 1"  # nothing to measure

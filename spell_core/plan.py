@@ -41,7 +41,7 @@ GiB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 USABLE = 0.92  # of the GPU's memory: CUDA context, allocator fragmentation, NCCL buffers
 PREFILL_CHUNK_TOKENS = 8192  # the sampler's default on CUDA (sampler.DEFAULT_PREFILL_CHUNK_TOKENS)
-LOGITS_CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}  # fused log-prob's logits buffer (kernels/logprob.py)
+LOGITS_CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}  # fused log-prob's logits buffer (spell_kernels/logprob.py)
 
 
 @dataclass
@@ -170,7 +170,7 @@ def activation_peaks(shape: Shape, tokens: int, gradient_checkpointing: bool, de
                      gradients_held: bool = False) -> dict[str, int]:
     """Bytes live on one rank, beyond weights, gradient shards and optimizer state, at each moment
     of one micro-batch of `tokens` tokens where the peak can fall, counted from what the code
-    allocates (spell_core/model.py, kernels/policy_loss.py, kernels/attn_cpu.py) and checked
+    allocates (spell_core/model.py, spell_kernels/policy_loss.py, spell_kernels/attn_cpu.py) and checked
     tensor by tensor against a memory timeline of a CPU step (bench/results/plan.md):
 
       loss (forward)        every layer's saved tensors, the final norm's, its output, the fused
@@ -208,7 +208,7 @@ def activation_peaks(shape: Shape, tokens: int, gradient_checkpointing: bool, de
     head_grad = 0 if gradients_held and not shape.tied else v * h * b
     peaks = {}
 
-    chunk_element = b if device == "cuda" else 4  # the loss computes in fp32 on CPU (kernels/logprob.py)
+    chunk_element = b if device == "cuda" else 4  # the loss computes in fp32 on CPU (spell_kernels/logprob.py)
     chunk_rows = min(rows, max(1, LOGITS_CHUNK_BYTES[device] // (v * chunk_element)))
     chunks = chunk_rows * v * chunk_element * (1 if device == "cuda" else 2)
     # the head's gradient accumulates in fp32 and is cast to the weight's dtype at the end, both live;

@@ -39,3 +39,16 @@ def test_busy_cores_counts_a_spinning_process(tmp_path):
         spinner.kill()
         spinner.wait()
     assert how == "busy" and 0.5 <= busy <= 2.05
+
+
+def test_without_sched_getaffinity_the_core_count_is_os_cpu_count(monkeypatch):
+    """macOS has no os.sched_getaffinity: the run falls back to os.cpu_count() instead of failing."""
+    import os
+
+    from spell_core import cpu_threads
+
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert cpu_threads.usable_cores() == 6
+    threads, why = cpu_threads.idle_core_threads(busy=1.0, local_ranks=1, cap=8)
+    assert (threads, why) == (5, "6 cores, 1.0 busy")

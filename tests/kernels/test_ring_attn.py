@@ -1,6 +1,6 @@
 """Ring attention on 2 and 4 gloo processes against single-process attention.
 
-One spawn per world size runs every case; the oracle is kernels/reference.py in float64 on
+One spawn per world size runs every case; the oracle is spell_kernels/reference.py in float64 on
 the whole (unsharded) batch, and the baseline error is that of the same reference in the
 case's dtype. Shards are cut and reassembled with positions built here by hand, so the
 comparison does not rely on the sharding helpers under test.
