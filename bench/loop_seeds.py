@@ -15,9 +15,9 @@ import time
 import torch
 
 from spell_core import run
-from spell_core.data_parallel import self_play_for_rank
-from spell_core.distributed import Topology
-from spell_core.monitor import question_line, summary_line
+from spell_core.selfplay.data_parallel import self_play_for_rank
+from spell_core.distributed.process_groups import Topology
+from spell_core.cli.monitor import question_line, summary_line
 
 
 def one_seed(seed: int, options: list[str]) -> dict:

@@ -2,7 +2,7 @@
 questions, to measure a checkpoint before and after training.
 
 The data file is a benchmark as released (LongBench-v2, LongBench v1 QA, DocMath-Eval, Frames)
-or our own jsonl, as JSON, JSON Lines or Parquet; see `spell_core/benchmarks.py` for the
+or our own jsonl, as JSON, JSON Lines or Parquet; see `spell_core/evaluation/benchmarks.py` for the
 formats. Every question gets n samples (temperature 0.7, top-p 0.95) through the method's
 evaluation prompts (`eval_prompts.py`); all questions of the file go to the sampler in one
 call (waves within the KV budget, the n samples of a question share its prefill). A prompt
@@ -27,12 +27,12 @@ from dataclasses import replace
 from math import comb
 from pathlib import Path
 
-from spell_core.assets import DEFAULT_MODEL
-from spell_core.benchmarks import FORMATS, EvalDataError, EvalItem, load_eval_data
-from spell_core.eval_prompts import build_eval_prompt
+from spell_core.models.assets import DEFAULT_MODEL
+from spell_core.evaluation.benchmarks import FORMATS, EvalDataError, EvalItem, load_eval_data
+from spell_core.evaluation.eval_prompts import build_eval_prompt
 from spell_core.roles import (DOC_MC, TASK_TYPES, build_verifier_prompt, extract_answer, parse_verdict,
                               responder_reward, rule_reward, thinking_template_kwargs, verifier_majority)
-from spell_core.truncation import parse_budget, truncate_middle
+from spell_core.evaluation.truncation import parse_budget, truncate_middle
 
 __all__ = ["EvalDataError", "EvalItem", "load_eval_data", "pass_at_k", "evaluate", "main"]
 
@@ -70,11 +70,11 @@ def evaluate(model, tokenizer, items: Sequence[EvalItem], *, n: int = 8, ks: Seq
     """Scores, pass@k per task type, source and overall, every question's correct count, and
     the speed of generation. `prompt_budget`: prompts longer than this many tokens are cut in
     the middle (default: the model's context minus max_new_tokens). `judge`: a
-    `spell_core.judge.Judge`. `template_kwargs`: passed to the chat template (e.g. enable_thinking)."""
-    from spell_core.monitor import progress_bar
+    `spell_core.evaluation.judge.Judge`. `template_kwargs`: passed to the chat template (e.g. enable_thinking)."""
+    from spell_core.cli.monitor import progress_bar
 
     if generate is None:
-        from spell_core.sampler import generate
+        from spell_core.sampling.sampler import generate
     for k in ks:
         if not 1 <= k <= n:
             raise ValueError(f"pass@{k} needs 1 <= k <= n = {n} samples per question; lower --k or raise --n")
@@ -144,8 +144,8 @@ def summarize(per_question: list[dict], ks: Sequence[int], key: str = "type") ->
 def _judge_scores(judge, items, outputs, answers, rules, generate, seed, kv_budget_tokens, progress):
     """max(rule, verdict) for QA and math samples the rule did not count; per sample the
     verdict (True / False / None, or "rule" when the rule already counted it, "letter" for MC)."""
-    from spell_core.monitor import progress_bar
-    from spell_core.judge import judged_text
+    from spell_core.cli.monitor import progress_bar
+    from spell_core.evaluation.judge import judged_text
 
     verdicts = [["letter" if item.task.task_type == DOC_MC else "rule" if r == 1.0 else None for r in row]
                 for item, row in zip(items, rules)]
@@ -168,7 +168,7 @@ def _judge_scores(judge, items, outputs, answers, rules, generate, seed, kv_budg
 
 def _self_verifier_scores(model, tokenizer, items, answers, rules, generate, sampling, seed, verifier_samples,
                           progress):
-    from spell_core.monitor import progress_bar
+    from spell_core.cli.monitor import progress_bar
 
     judged = [(i, j) for i, row in enumerate(answers) for j, a in enumerate(row) if a is not None]
     verifier_prompts = [build_verifier_prompt(tokenizer, items[i].task, answers[i][j]).input_ids for i, j in judged]
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.compare:
-        from spell_core.compare import compare_main
+        from spell_core.evaluation.compare import compare_main
 
         return compare_main(args.compare[0], args.compare[1], args.out or "compare.png")
     if not args.data:
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_new_tokens = 20480 if args.enable_thinking else 4096
     if args.judge_model and args.verifier:
         parser.error("--judge-model and --verifier are two ways of grading: pick one")
-    from spell_core.assets import AssetError
+    from spell_core.models.assets import AssetError
 
     try:
         budget = parse_budget(args.ctx) if args.ctx is not None else None
@@ -296,8 +296,8 @@ def _run(args, items: list[EvalItem], ks: list[int], budget: int | None) -> int:
 
 
 def _evaluate_and_report(args, items: list[EvalItem], ks: list[int], budget: int | None, device: str) -> int:
-    from spell_core.model import load_pretrained
-    from spell_core.rope import with_rope_scaling
+    from spell_core.models.model import load_pretrained
+    from spell_core.models.rope import with_rope_scaling
 
     start = time.perf_counter()
     model, tokenizer = load_pretrained(args.model, device=device)
@@ -308,7 +308,7 @@ def _evaluate_and_report(args, items: list[EvalItem], ks: list[int], budget: int
           f"{len(items)} questions from {args.data} ({items[0].source if items else '-'} format), n={args.n}")
     judge = None
     if args.judge_model:
-        from spell_core.judge import load_judge
+        from spell_core.evaluation.judge import load_judge
 
         start = time.perf_counter()
         judge = load_judge(args.judge_model, device, args.judge_max_new_tokens)
@@ -334,7 +334,7 @@ def _evaluate_and_report(args, items: list[EvalItem], ks: list[int], budget: int
 
 def _results_path(args) -> Path:
     """--out (default <data name>.eval.json here), proven writable: not a folder, its folder writable."""
-    from spell_core.run_folder import check_writable_folder
+    from spell_core.cli.run_folder import check_writable_folder
 
     out = Path(args.out) if args.out else Path(f"{Path(args.data).stem}.eval.json")
     if out.is_dir():
@@ -352,7 +352,7 @@ def _write_results(out: Path, text: str) -> Path:
     import os
     import tempfile
 
-    from spell_core import durable
+    from spell_core.common import durable
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:

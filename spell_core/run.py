@@ -18,11 +18,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from spell_core.assets import AssetError
-from spell_core.config import DataOptions, LoopOptions, ModelOptions, RunConfig, SamplingOptions, parse_ctx
-from spell_core.cpu_threads import idle_core_threads
-from spell_core.data import CorpusError
-from spell_core.run_folder import flatten_config
+from spell_core.models.assets import AssetError
+from spell_core.selfplay.config import DataOptions, LoopOptions, ModelOptions, RunConfig, SamplingOptions, parse_ctx
+from spell_core.common.cpu_threads import idle_core_threads
+from spell_core.data.documents import CorpusError
+from spell_core.cli.run_folder import flatten_config
 
 # SPEC.md's scale (one GPU: 480 questions a round, at most 10 rounds, N = 128 kept groups) and
 # the reduced defaults that let `make run` finish a real step on a 2-core CPU in minutes.
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
                         help="under torchrun: collective timeout, and how long a rank may hang before the others "
                              "exit naming it (a dead rank is noticed within min(60, this)) (default: 600)")
-    # validation during training (spell_core/validation.py)
+    # validation during training (spell_core/cli/validation.py)
     parser.add_argument("--eval-data", default=None, metavar="FILE",
                         help="evaluate the model on these questions (any format of python -m spell_core.eval) at "
                              "step 0 and every --eval-every steps: pass@k per task type in metrics.jsonl/png")
@@ -162,7 +162,7 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _report_to_argument(text: str) -> tuple[str, ...]:
-    from spell_core.reporters import ReporterError, parse_report_to
+    from spell_core.cli.reporters import ReporterError, parse_report_to
 
     try:
         return parse_report_to(text)
@@ -231,7 +231,7 @@ def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from spell_core.task_types import TaskRules
+        from spell_core.data.task_types import TaskRules
 
         args.task_rules = TaskRules.parse(args.tasks)
     except ValueError as err:
@@ -273,7 +273,7 @@ def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse
 
 
 def trainer_options(config: RunConfig, args: argparse.Namespace):
-    from spell_core.trainer import TrainerOptions
+    from spell_core.training.trainer import TrainerOptions
 
     options = TrainerOptions(micro_batch_tokens=args.micro_batch_tokens, temperature=config.sampling.temperature,
                              gradient_checkpointing=args.gradient_checkpointing, clip_low=args.clip_low,
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spell: no GPU: reduced CPU defaults for {', '.join(args.reduced)} so that a step finishes in "
               f"minutes; the GPU defaults (SPEC.md's scale) are {spec}")
     try:
-        from spell_core.validation import Validation
+        from spell_core.cli.validation import Validation
 
         args.validation = Validation.from_args(args, config)  # None without --eval-data; a bad file stops here
         with _own_run_folder(config, args, train_options):
@@ -310,13 +310,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _own_run_folder(config: RunConfig, args, train_options):
-    """--out checked, locked and claimed for this run before the model loads (spell_core/run_folder.py);
+    """--out checked, locked and claimed for this run before the model loads (spell_core/cli/run_folder.py);
     only rank 0 of a torchrun job does it."""
     import contextlib
     import os
 
-    from spell_core import preflight, run_folder
-    from spell_core.assets import resolve_model
+    from spell_core.cli import preflight, run_folder
+    from spell_core.models.assets import resolve_model
 
     if os.environ.get("RANK", "0") != "0":
         return contextlib.nullcontext()
@@ -355,8 +355,8 @@ def _run(config: RunConfig, args, train_options, budget: int) -> int:
 
 
 def _train_on_ranks(config: RunConfig, args, train_options, budget: int) -> int:
-    """_train in this process, or as one rank of a torchrun job (spell_core/distributed.py)."""
-    from spell_core.distributed import failure_guard, init_distributed, log_other_ranks_to_files, shutdown
+    """_train in this process, or as one rank of a torchrun job (spell_core/distributed/process_groups.py)."""
+    from spell_core.distributed.process_groups import failure_guard, init_distributed, log_other_ranks_to_files, shutdown
 
     topology = init_distributed(args.cp, device=config.model.device, timeout_s=args.dist_timeout)
     if not topology.is_distributed:
@@ -371,8 +371,8 @@ def _train_on_ranks(config: RunConfig, args, train_options, budget: int) -> int:
 
 
 def _train(config: RunConfig, args, train_options, budget: int, topology=None) -> int:
-    from spell_core.monitor import Monitor
-    from spell_core.run_folder import holds_a_run as run_folder_has_run
+    from spell_core.cli.monitor import Monitor
+    from spell_core.cli.run_folder import holds_a_run as run_folder_has_run
 
     validation = args.validation
     if str(config.model.device).startswith("cuda"):  # stop now, not with an out-of-memory error minutes later
@@ -391,11 +391,11 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
         config.loop.kv_budget_tokens = _gpu_kv_budget(model)
         print(f"kv cache    {config.loop.kv_budget_tokens:,} tokens (half the free GPU memory; --kv-budget-tokens)")
 
-    from spell_core import train_state
-    from spell_core.trainer import Trainer
+    from spell_core.training import train_state
+    from spell_core.training.trainer import Trainer
 
-    from spell_core.data_parallel import self_play_for_rank
-    from spell_core.distributed import Topology
+    from spell_core.selfplay.data_parallel import self_play_for_rank
+    from spell_core.distributed.process_groups import Topology
 
     topology = topology or Topology()
     trainer = Trainer(model, train_options, topology)
@@ -436,10 +436,10 @@ def _steps(config: RunConfig, args, out: Path, start_step: int, model, tokenizer
            topology, validation) -> int:
     import torch
 
-    from spell_core import train_state
-    from spell_core.distributed import agreed
-    from spell_core.guards import NonFiniteUpdatesError
-    from spell_core.loop import StepAbandoned
+    from spell_core.training import train_state
+    from spell_core.distributed.process_groups import agreed
+    from spell_core.common.guards import NonFiniteUpdatesError
+    from spell_core.selfplay.loop import StepAbandoned
 
     saved_step = start_step if args.resume is not None else None
     step, exit_code = start_step, 0
@@ -524,7 +524,7 @@ def _plain(metrics: dict) -> dict:
 def _gpu_kv_budget(model) -> int:
     import torch
 
-    from spell_core.kv_cache import kv_bytes_per_token
+    from spell_core.sampling.kv_cache import kv_bytes_per_token
 
     free, _ = torch.cuda.mem_get_info()
     weight = model.lm_head_weight
@@ -564,12 +564,12 @@ class _StopFlag:
 
 
 def _load_model_and_documents(config: RunConfig, budget: int):
-    from spell_core.assets import resolve_model
-    from spell_core.corpus_tables import load_corpus
-    from spell_core.data import build_clusters
-    from spell_core.model import load_pretrained
-    from spell_core.rope import with_rope_scaling
-    from spell_core.task_types import TaskRules
+    from spell_core.models.assets import resolve_model
+    from spell_core.data.corpus_tables import load_corpus
+    from spell_core.data.documents import build_clusters
+    from spell_core.models.model import load_pretrained
+    from spell_core.models.rope import with_rope_scaling
+    from spell_core.data.task_types import TaskRules
 
     device = config.model.device
     start = time.perf_counter()
@@ -589,7 +589,7 @@ def _load_model_and_documents(config: RunConfig, budget: int):
               f"RoPE scaling applied, {rope['rope_type']} factor {rope['factor']:.2f}")
     else:
         print(f"native ctx  {native_ctx:,} tokens (holds --ctx {config.data.ctx:,} + prompt + response = {needed:,})")
-    from spell_core.preflight import long_context_warning
+    from spell_core.cli.preflight import long_context_warning
     warning = long_context_warning(model, config.data.ctx, native_ctx, 2 * config.loop.questions)
     if warning:
         print(warning, file=sys.stderr)

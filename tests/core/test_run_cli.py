@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spell_core.assets import resolve_model
+from spell_core.models.assets import resolve_model
 from spell_core.run import main
 from tests.core.scripted import NOTES, make_tiny_corpus, make_tiny_model
 

@@ -6,7 +6,7 @@ whole: texts are copied to an unlinked temporary file and read back when a promp
 - parquet files (pyarrow, batch by batch),
 - JSON Lines files (line by line),
 - folders saved by `datasets.Dataset.save_to_disk` (their arrow files, batch by batch),
-- folders of .txt / .md / .jsonl and corpus aliases, as before (`spell_core.data.load_documents`).
+- folders of .txt / .md / .jsonl and corpus aliases, as before (`spell_core.data.documents.load_documents`).
 
 A table row is one document: its `text_field` column; documents sharing a `cluster_field`
 value are related (without that column, those of one file are); a `data_source` column, if
@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from spell_core.data import CorpusError, Document, _check_unique_ids, load_documents
+from spell_core.data.documents import CorpusError, Document, _check_unique_ids, load_documents
 
 TABLE_SUFFIXES = (".parquet", ".jsonl")
 RELEASE_COLUMNS = ("question_id", "paragraphs", "data_source")
@@ -82,7 +82,7 @@ def load_corpus(corpus: str | Sequence[str], *, text_field: str = "text", cluste
                 batch_rows: int = BATCH_ROWS) -> list[Document]:
     """The documents of one corpus (alias, folder, table file, saved dataset) or of several
     table files / saved datasets, in order."""
-    from spell_core.assets import resolve_corpus
+    from spell_core.models.assets import resolve_corpus
 
     specs = [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
     if not specs:

@@ -16,7 +16,7 @@ import random
 from collections.abc import Sequence
 
 from spell_core.roles import TASK_TYPES, Status
-from spell_core.rollout import Question, VerifierGroup
+from spell_core.selfplay.rollout import Question, VerifierGroup
 
 
 def _round_half_up(x: float) -> int:

@@ -10,7 +10,7 @@ path; hidden files and folders skipped):
   "tasks": [str]|str?, "data_source": str?}`, taken as they are (no splitting). Documents
   sharing a `cluster` value are related; without it, the documents of one file are.
   `tasks` (e.g. ["doc_math"] or "doc_qa,doc_mc") limits the task types asked of the document;
-  `data_source` names its source for `--tasks PREFIX=...` rules (spell_core/task_types.py).
+  `data_source` names its source for `--tasks PREFIX=...` rules (spell_core/data/task_types.py).
 Text must be UTF-8 (a BOM is accepted): undecodable bytes are an error naming the file and
 the byte offset rather than silently replaced, so no question is ever asked about mojibake.
 
@@ -32,8 +32,8 @@ from typing import Callable, Sequence
 
 from spell_core.roles.chat import document_wrapper_tokens
 from spell_core.roles.tasks import TASK_TYPES
-from spell_core.task_types import parse_types
-from spell_core.textfiles import jsonl_objects, read_utf8
+from spell_core.data.task_types import parse_types
+from spell_core.common.textfiles import jsonl_objects, read_utf8
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl")
 

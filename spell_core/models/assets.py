@@ -136,7 +136,7 @@ def resolve_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path:
         return _cached_entry(cache_dir() / "models" / alias, lambda out: _build_from_gguf(out, spec))
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
-        from spell_core.hub import is_hub_id, resolve_hub_model
+        from spell_core.models.hub import is_hub_id, resolve_hub_model
 
         if is_hub_id(str(name_or_path)):
             path = resolve_hub_model(str(name_or_path))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spell_core.roles import DOC_MC, Task, parse_verdict, render_prompt, strip_thinking
-from spell_core.truncation import truncate_middle
+from spell_core.evaluation.truncation import truncate_middle
 
 JUDGE_PROMPT_BUDGET = 8192  # judge prompts longer than this are cut in the middle (the method's judge input limit)
 UNPARSED_TAIL_CHARS = 2000
@@ -82,7 +82,7 @@ class Judge:
 def resolve_judge_model(name: str) -> Path:
     """The checkpoint folder of a judge given as a model alias, a local folder or a hub id
     (Org/Name, fetched with huggingface_hub into its cache)."""
-    from spell_core.assets import AssetError, resolve_model
+    from spell_core.models.assets import AssetError, resolve_model
 
     try:
         return resolve_model(name)
@@ -101,7 +101,7 @@ def resolve_judge_model(name: str) -> Path:
 
 
 def load_judge(name: str, device: str, max_new_tokens: int = 1024) -> Judge:
-    from spell_core.model import load_pretrained
+    from spell_core.models.model import load_pretrained
 
     model, tokenizer = load_pretrained(resolve_judge_model(name), device=device)
     return Judge(model, tokenizer, str(name), max_new_tokens)

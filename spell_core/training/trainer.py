@@ -18,16 +18,16 @@ response of the group (gathering it k times makes autograd sum its k gradients).
 One step = gradient accumulation over the micro-batches with `global_count` = every
 response token of the step (the token-mean is over all roles' tokens together, exact
 across micro-batches), global L2 gradient clipping, AdamW. A non-finite loss or gradient
-skips the update, an update that leaves a weight non-finite is rolled back (spell_core/guards.py;
+skips the update, an update that leaves a weight non-finite is rolled back (spell_core/common/guards.py;
 both reported in the metrics). CUDA runs the decoder under bf16 autocast (the
 log-probs in the LM head's dtype); CPU runs in the model's dtype.
 
-Many ranks (`Trainer(model, options, topology)`, see spell_core/distributed.py): the model is
+Many ranks (`Trainer(model, options, topology)`, see spell_core/distributed/process_groups.py): the model is
 sharded with FSDP2 over the world, `global_count` is summed over the data-parallel ranks, and
 with cp > 1 every micro-batch is split zigzag across the context-parallel group, a shared
 prompt's shards forwarded once (`micro_batch_tokens` then counts each rank's share:
-spell_core/context_parallel.py). Loss, gradients and update equal the single-process step on
-the union of the ranks' trajectories (spell_core/sharded_training.py, tests/core/test_distributed.py).
+spell_core/distributed/context_parallel.py). Loss, gradients and update equal the single-process step on
+the union of the ranks' trajectories (spell_core/distributed/sharded_training.py, tests/core/test_distributed.py).
 """
 from __future__ import annotations
 
@@ -40,11 +40,11 @@ from dataclasses import dataclass
 import torch
 
 import spell_kernels
-from spell_core import context_parallel
-from spell_core.batch import ROLES, Trajectory
-from spell_core.distributed import all_reduce_sum
-from spell_core.model import CausalLM, VarlenCausalAttention
-from spell_core.sharded_training import forward_backward, shard_model
+from spell_core.distributed import context_parallel
+from spell_core.selfplay.batch import ROLES, Trajectory
+from spell_core.distributed.process_groups import all_reduce_sum
+from spell_core.models.model import CausalLM, VarlenCausalAttention
+from spell_core.distributed.sharded_training import forward_backward, shard_model
 from spell_kernels.shared_prefix import SharedPrefixAttention, SharedPrefixLayout
 
 __all__ = ["TrainerOptions", "Trainer", "MicroBatch", "TrainingOutOfMemoryError", "plan_micro_batches"]
@@ -69,7 +69,7 @@ class TrainerOptions:
     shared_prefix: bool = True  # False: every trajectory its own [prompt + resp] (the slow baseline)
     entropy: bool = False  # also report the mean entropy of the trained tokens
     bf16_autocast: bool | None = None  # run the decoder under bf16 autocast; None: on CUDA only
-    # roll back an update that leaves a weight NaN/Inf (spell_core/guards.py); stop after this many in a row
+    # roll back an update that leaves a weight NaN/Inf (spell_core/common/guards.py); stop after this many in a row
     max_rollbacks: int | None = 3  # None: no check (no CPU copy of the weights and optimizer state per step)
     # keep that copy to roll back to; None: on CUDA (pinned host memory), not on a CPU (it would add 3x
     # the weights to host memory: 7.5 GB for the 0.5B default); without it a NaN/Inf update stops the run
@@ -215,7 +215,7 @@ class Trainer:
     def __init__(self, model: CausalLM, options: TrainerOptions | None = None, topology=None):
         self.model = model
         self.options = options = options or TrainerOptions()
-        self.topology = topology  # spell_core.distributed.Topology; None: one process
+        self.topology = topology  # spell_core.distributed.process_groups.Topology; None: one process
         self._distributed = topology is not None and topology.is_distributed
         self._cp = topology.cp if topology is not None else 1
         if self._distributed:
@@ -234,10 +234,10 @@ class Trainer:
         self.device = self.params[0].device
         self.guard = None
         if options.max_rollbacks is not None:
-            from spell_core.guards import UpdateGuard
+            from spell_core.common.guards import UpdateGuard
             every_rank = None
             if self._distributed:
-                from spell_core.distributed import all_reduce_sum
+                from spell_core.distributed.process_groups import all_reduce_sum
                 every_rank = lambda ok: all_reduce_sum(0.0 if ok else 1.0, topology) == 0  # noqa: E731
             keep = on_cuda if options.rollback_snapshot is None else options.rollback_snapshot
             self.guard = UpdateGuard(self.params, self.optimizer, options.max_rollbacks, every_rank, keep_snapshot=keep)

@@ -27,15 +27,15 @@ from dataclasses import dataclass
 import torch
 
 import spell_kernels
-from spell_core.batch import Trajectory
-from spell_core.config import RunConfig
-from spell_core.memory import HistoryMemory, MemoryEntry, evidence_ids
+from spell_core.selfplay.batch import Trajectory
+from spell_core.selfplay.config import RunConfig
+from spell_core.selfplay.memory import HistoryMemory, MemoryEntry, evidence_ids
 from spell_core.roles import (TASK_TYPES, Status, answered_without_documents, build_grounding_prompt,
                               build_questioner_prompt, build_responder_prompt, build_verifier_prompt, extract_answer,
                               parse_questioner_output, parse_verdict, questioner_reward, responder_reward, rule_reward,
                               thinking_template_kwargs, token_counter, verifier_majority, verifier_rewards)
-from spell_core.rollout import Question, ResponderGroup, Sample, VerifierGroup
-from spell_core.selection import (kept_responder_groups, select_questions, select_verifier_groups,
+from spell_core.selfplay.rollout import Question, ResponderGroup, Sample, VerifierGroup
+from spell_core.selfplay.selection import (kept_responder_groups, select_questions, select_verifier_groups,
                                   verifier_candidates)
 
 # "ground_respond": grounding and responder sampled together (LoopOptions.overlap_grounding)
@@ -60,7 +60,7 @@ class _NoProgress:
 
 class SelfPlay:
     """The self-play state between steps (history memory, random generator, step count) and
-    the step itself. `generate` defaults to `spell_core.sampler.generate` (looked up at each
+    the step itself. `generate` defaults to `spell_core.sampling.sampler.generate` (looked up at each
     call); `observer.stage(name, prompts, samples)` is a context manager giving the sampler's
     progress hook (see monitor.py); `should_stop()` is polled during generation."""
 
@@ -248,7 +248,7 @@ class SelfPlay:
         sampling = self.config.sampling
         generate = self._generate_fn
         if generate is None:
-            from spell_core import sampler
+            from spell_core.sampling import sampler
             generate = sampler.generate
         start, cpu_start = time.perf_counter(), time.process_time()
         kwargs = {}

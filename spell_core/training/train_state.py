@@ -17,7 +17,7 @@ worst a temporary folder that the next save, or `tidy` at the next start, remove
 never written from NaN/Inf weights; `load` reads and checks every file before applying any, naming
 a corrupt one, and `load_usable` then falls back to the next older complete checkpoint.
 
-Any world size. A model sharded with FSDP2 (spell_core/sharded_training.py) is saved by every
+Any world size. A model sharded with FSDP2 (spell_core/distributed/sharded_training.py) is saved by every
 rank calling `save`: the full weights and the full, unsharded optimizer state are gathered to
 rank 0 (torch.distributed.checkpoint.state_dict, full_state_dict + cpu_offload), which writes
 the same files as a single process; the random states are rank 0's. `load` on a sharded model
@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spell_core import checkpoint as ckpt
-from spell_core import durable
-from spell_core.model import CausalLM, save_pretrained
+from spell_core.models import checkpoint as ckpt
+from spell_core.common import durable
+from spell_core.models.model import CausalLM, save_pretrained
 
 __all__ = ["save", "load", "load_usable", "tidy", "find_latest", "list_checkpoints", "checkpoint_dir", "CHECKPOINTS", "COMPLETE"]
 
@@ -269,7 +269,7 @@ def _load_into_ranks(path, model, optimizer, generators, restore_rng) -> tuple[i
 # --- optimizer state, by parameter index or by name ----------------------------------------------
 
 def _read_optimizer(folder: Path, device) -> dict:
-    from spell_core import guards
+    from spell_core.common import guards
 
     if not (folder / OPTIMIZER).is_file():
         raise ckpt.CheckpointError(f"{folder} has no {OPTIMIZER}: it was saved without an optimizer")
@@ -446,7 +446,7 @@ def tidy(out_dir, keep_last: int = 2, keep: Path | None = None) -> list[str]:
 # --- guards: non-finite weights, a full disk --------------------------------------------------------
 
 def _refuse_non_finite(tensors: dict, step: int) -> None:
-    from spell_core import guards
+    from spell_core.common import guards
 
     bad = guards.non_finite(tensors)
     if bad:

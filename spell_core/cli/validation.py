@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from spell_core.benchmarks import EvalItem, load_eval_data
+from spell_core.evaluation.benchmarks import EvalItem, load_eval_data
 
 PREFIX = "eval_"
 
@@ -74,7 +74,7 @@ class Validation:
             return {}
         gathered = contextlib.nullcontext()
         if topology is not None and topology.is_distributed:
-            from spell_core.sharded_training import sampling_weights
+            from spell_core.distributed.sharded_training import sampling_weights
 
             gathered = sampling_weights(model)
         with gathered:
@@ -86,7 +86,7 @@ class Validation:
         """The step-0 evaluation as its own metrics.jsonl line (no training step has run)."""
         if not metrics:
             return
-        from spell_core.monitor import METRICS_FILE, plot_metrics
+        from spell_core.cli.monitor import METRICS_FILE, plot_metrics
 
         record = {"step": 0, **metrics}
         monitor.history.append(record)

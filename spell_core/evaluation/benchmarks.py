@@ -24,7 +24,7 @@ from pathlib import Path
 
 from spell_core.roles import DOC_MATH, DOC_MC, DOC_QA, TASK_TYPES, Task
 from spell_core.roles.text import CHOICE_LETTERS
-from spell_core.textfiles import jsonl_objects, read_utf8
+from spell_core.common.textfiles import jsonl_objects, read_utf8
 
 
 class EvalDataError(ValueError):

@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import spell_kernels
-from spell_core import checkpoint as ckpt
-from spell_core.rope import apply_rotary, rope_parameters_from_hf, rotary_cos_sin, with_rope_scaling
+from spell_core.models import checkpoint as ckpt
+from spell_core.models.rope import apply_rotary, rope_parameters_from_hf, rotary_cos_sin, with_rope_scaling
 
 __all__ = ["ModelConfig", "CausalLM", "VarlenCausalAttention", "load_pretrained", "save_pretrained",
            "config_from_folder", "with_rope_scaling", "SUPPORTED_ARCHITECTURES"]
@@ -287,11 +287,11 @@ _IGNORED_TENSORS = (r"rotary_emb\.inv_freq$",)
 
 def load_pretrained(path_or_alias, dtype: torch.dtype | None = None, device=None):
     """(model, tokenizer) from a local HF checkpoint folder or a model alias (see
-    `spell_core.assets.resolve_model`). dtype defaults to the checkpoint's on CUDA and to
+    `spell_core.models.assets.resolve_model`). dtype defaults to the checkpoint's on CUDA and to
     float32 on CPU."""
     from transformers import AutoTokenizer
 
-    from spell_core.assets import resolve_model
+    from spell_core.models.assets import resolve_model
 
     folder = resolve_model(path_or_alias)
     config = config_from_folder(folder)

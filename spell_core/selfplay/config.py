@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from spell_core.assets import DEFAULT_CORPUS, DEFAULT_MODEL
+from spell_core.models.assets import DEFAULT_CORPUS, DEFAULT_MODEL
 
 _CTX_PATTERN = re.compile(r"(\d+)([km]?)")
 _CTX_UNITS = {"": 1, "k": 1024, "m": 1024 * 1024}
@@ -36,13 +36,13 @@ def parse_ctx(text: str | int) -> int:
 
 @dataclass
 class ModelOptions:
-    name: str = DEFAULT_MODEL  # alias (see spell_core.assets) or local HF checkpoint folder
+    name: str = DEFAULT_MODEL  # alias (see spell_core.models.assets) or local HF checkpoint folder
     device: str = "auto"  # auto: cuda when available, else cpu
 
 
 @dataclass
 class DataOptions:
-    corpus: str | list[str] = DEFAULT_CORPUS  # alias (spell_core.assets), folder, or table file(s) (corpus_tables)
+    corpus: str | list[str] = DEFAULT_CORPUS  # alias (spell_core.models.assets), folder, or table file(s) (corpus_tables)
     text_field: str = "text"  # table corpora: the document column
     cluster_field: str = "cluster"  # table corpora: the column marking related documents
     # SPEC: 16K tokens of documents per cluster; the instructions and the response come on top
@@ -50,7 +50,7 @@ class DataOptions:
     # room for the role prompt around the documents (instructions, document tags, history
     # memory, the question): the model's context must hold ctx + prompt_tokens + response
     prompt_tokens: int = 1024
-    # --tasks options: "TYPES" (whole corpus) or "PREFIX=TYPES"; see spell_core/task_types.py
+    # --tasks options: "TYPES" (whole corpus) or "PREFIX=TYPES"; see spell_core/data/task_types.py
     tasks: list[str] = field(default_factory=list)
 
 

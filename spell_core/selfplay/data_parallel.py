@@ -9,7 +9,7 @@ stays on the rank that generated it, which computes its rewards and GRPO advanta
 questioner's batch normalisation per task type spans ranks, made exact by an all-gather of the
 questioner rewards (`normalise_questioner_advantages`). The ranks of one CP group then train on
 the union of their trajectories (`gather_for_context_parallel`). The training side (FSDP2,
-the distributed forward / backward) is spell_core/sharded_training.py; nothing here imports the
+the distributed forward / backward) is spell_core/distributed/sharded_training.py; nothing here imports the
 trainer.
 
 Checkpoints keep one history memory: the union of the ranks' (their clusters are disjoint), and
@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 
 import spell_kernels
-from spell_core.batch import Trajectory
-from spell_core.distributed import Topology, process_group_ready, agreed, all_gather_objects, all_reduce_sum
-from spell_core.sharded_training import sampling_weights
+from spell_core.selfplay.batch import Trajectory
+from spell_core.distributed.process_groups import Topology, process_group_ready, agreed, all_gather_objects, all_reduce_sum
+from spell_core.distributed.sharded_training import sampling_weights
 
 __all__ = ["rollout_share", "shard_clusters", "rank_run_config", "normalise_questioner_advantages",
            "gather_for_context_parallel", "merged_self_play_state", "self_play_state_for_rank", "self_play_for_rank",
@@ -134,7 +134,7 @@ def self_play_state_for_rank(state: dict, rank: int, world_size: int) -> dict:
 def self_play_for_rank(model, tokenizer, clusters, config, topology: Topology, **kwargs):
     """The self-play of this rank: a `SelfPlay` on all clusters in a single process; on several
     ranks, one on this rank's clusters and share of the questions, wrapped in DistributedSelfPlay."""
-    from spell_core.loop import SelfPlay
+    from spell_core.selfplay.loop import SelfPlay
 
     if not topology.is_distributed:
         return SelfPlay(model, tokenizer, clusters, config, **kwargs)
@@ -164,7 +164,7 @@ class DistributedSelfPlay:
     def step(self):
         """One step of every rank's rollouts. A stop request abandons the step on every rank
         (StepAbandoned) as soon as one rank abandoned it: the ranks agree after generation."""
-        from spell_core.loop import StepAbandoned
+        from spell_core.selfplay.loop import StepAbandoned
 
         topo, number = self.topology, self.play.steps_done + 1
         topo.mark(f"sample step {number}")

@@ -18,7 +18,7 @@ def parameter_count(model_folder) -> tuple[int, int]:
     """(parameters, bytes per stored parameter) from the safetensors headers of a model folder."""
     from safetensors import safe_open
 
-    from spell_core.checkpoint import weight_files
+    from spell_core.models.checkpoint import weight_files
 
     files = weight_files(model_folder)
     numel, nbytes = 0, 0

@@ -8,8 +8,8 @@
 Layout. The world's ranks form a (dp, cp) DeviceMesh, rank = dp_rank * cp + cp_rank: the ranks
 of one context-parallel group, which pass K/V around the ring in every layer, are neighbours
 (on one host when --nproc-per-node is a multiple of cp). NCCL on GPUs (one rank per GPU,
-cuda:LOCAL_RANK), gloo on CPUs. How the groups are used: spell_core/sharded_training.py (FSDP2),
-spell_core/data_parallel.py (rollouts) and spell_core/context_parallel.py (zigzag sharding, ring
+cuda:LOCAL_RANK), gloo on CPUs. How the groups are used: spell_core/distributed/sharded_training.py (FSDP2),
+spell_core/selfplay/data_parallel.py (rollouts) and spell_core/distributed/context_parallel.py (zigzag sharding, ring
 attention). The small collectives every side uses (agreed, all_reduce_sum, all_gather_objects)
 live at the end of this file.
 

@@ -61,7 +61,7 @@ class Monitor:
         """resume_step: continuing a run from this step: metrics.jsonl keeps the lines of
         steps <= resume_step (a later line belongs to steps that are being redone).
         report_to: also send each step to these reporters ("tensorboard", "wandb";
-        spell_core/reporters.py); call close() at the end of the run."""
+        spell_core/cli/reporters.py); call close() at the end of the run."""
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.total_steps = total_steps
@@ -84,7 +84,7 @@ class Monitor:
         self._step_questions: list[dict] = []
         self.reporters = []
         if report_to:
-            from spell_core.reporters import open_reporters
+            from spell_core.cli.reporters import open_reporters
             self.reporters = open_reporters(report_to, self.out, resume_step=resume_step, config=config)
 
     # --- progress bars ------------------------------------------------------------------
@@ -175,7 +175,7 @@ def progress_bar(name: str, prompts: int, samples: int, *, enabled: bool = True,
 
 
 def question_record(step: int, q) -> dict:
-    """One question of a step (`spell_core.rollout.Question`) as a JSON-able dict."""
+    """One question of a step (`spell_core.selfplay.rollout.Question`) as a JSON-able dict."""
     record = {"step": step, "id": q.id, "task_type": q.task_type, "cluster": q.cluster_id, "status": str(q.status),
               "reason": q.reason, "questioner_reward": q.reward, "questioner_output": q.sample.text}
     if q.task is not None:
@@ -268,7 +268,7 @@ def plot_metrics(history: list[dict], path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from spell_core.validation import has_eval, plot_eval_panel
+    from spell_core.cli.validation import has_eval, plot_eval_panel
 
     with_eval = has_eval(history)  # validation during training (--eval-data): a third panel
     history_all = history

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from spell_core.kv_cache import DecodeAttention, KVCache, PrefillAttention, WaveLayout, kv_bytes_per_token, \
+from spell_core.sampling.kv_cache import DecodeAttention, KVCache, PrefillAttention, WaveLayout, kv_bytes_per_token, \
     plan_waves
-from spell_core.sampling import check_sampling_params, draw_uniforms, make_generators, random_seeds, \
+from spell_core.sampling.token_selection import check_sampling_params, draw_uniforms, make_generators, random_seeds, \
     sample_seed, select_tokens, temperature_scale
 
 __all__ = ["generate", "Completion", "ProgressEvent", "default_stop_token_ids", "sample_seed",
@@ -173,7 +173,7 @@ def _as_seeds(seed, counts: list[int]) -> list[list[int]]:
             isinstance(s, (list, tuple)) and len(s) == c for s, c in zip(seed, counts)):
         return [[int(x) for x in s] for s in seed]
     raise ValueError("seed must be None, an int, or per-sample seeds: one list of n_i ints per prompt "
-                     f"(sample counts {counts}); see spell_core.sampling.sample_seed for the seeds an int gives")
+                     f"(sample counts {counts}); see spell_core.sampling.token_selection.sample_seed for the seeds an int gives")
 
 
 def _check_prompts_fit(prompts: list[list[int]], config) -> None:
@@ -184,7 +184,7 @@ def _check_prompts_fit(prompts: list[list[int]], config) -> None:
                 f"prompt {i} has {len(p)} tokens, which leaves no room to generate within the model's context "
                 f"of {ctx} tokens (max_position_embeddings): shorten the prompt, or extend the context with "
                 f"RoPE scaling (`--ctx`, e.g. --ctx {_round_ctx(len(p))}; in code "
-                "model.config = spell_core.rope.with_rope_scaling(model.config, target_ctx))")
+                "model.config = spell_core.models.rope.with_rope_scaling(model.config, target_ctx))")
         lo, hi = min(p), max(p)
         if lo < 0 or hi >= vocab:
             raise ValueError(f"prompt {i} holds token id {lo if lo < 0 else hi}, outside the model's vocabulary "
@@ -285,7 +285,7 @@ def generate(model, tokenizer, prompts, *, n: int | Sequence[int] = 1, max_new_t
     if chunk < 1:
         raise ValueError(f"prefill_chunk_tokens must be >= 1; got {chunk}")
     if cuda_graph:
-        from spell_core.decode_graph import check_cuda_graph_support
+        from spell_core.sampling.decode_graph import check_cuda_graph_support
         check_cuda_graph_support(model)
     if not prompts:
         return []
@@ -355,7 +355,7 @@ def _run_wave(model, cache, prompts, counts, new_tokens, seeds, sampling: _Sampl
 
     step = functools.partial(_decode_step, model, cache, layout, scale=scale)
     if cuda_graph:
-        from spell_core.decode_graph import CudaGraphDecoder
+        from spell_core.sampling.decode_graph import CudaGraphDecoder
         step = CudaGraphDecoder(model, cache, layout, counts, max(new_tokens), scale, _decode_tables,
                                 _decode_step)
     live = [s for s in samples if s.finish_reason is None]

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from spell_core import durable, guards
+from spell_core.common import durable, guards
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -140,7 +140,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def with_rope_scaling(config, target_ctx: int):
-    """A copy of a model config (`spell_core.model.ModelConfig`) that covers `target_ctx`
+    """A copy of a model config (`spell_core.models.model.ModelConfig`) that covers `target_ctx`
     tokens; the config itself when its native context already does.
 
     The choice is YaRN with factor = target_ctx / native context: its frequencies are

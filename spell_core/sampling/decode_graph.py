@@ -17,8 +17,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from spell_core.kv_cache import DecodeAttention
-from spell_core.rope import rotary_cos_sin
+from spell_core.sampling.kv_cache import DecodeAttention
+from spell_core.models.rope import rotary_cos_sin
 from spell_kernels._dispatch import kernel_mode
 
 __all__ = ["CudaGraphDecoder", "check_cuda_graph_support"]

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from spell_core.distributed import Topology
+from spell_core.distributed.process_groups import Topology
 
 __all__ = ["shard_model", "is_sharded", "sampling_weights", "forward_backward"]
 

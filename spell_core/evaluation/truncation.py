@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from spell_core.config import parse_ctx
+from spell_core.selfplay.config import parse_ctx
 
 # the method's two settings as its scripts write them
 METHOD_BUDGETS = {"16k": 16384, "100k": 100000}
