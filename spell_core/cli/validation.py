@@ -14,9 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from spell_core.cli.metrics_plot import PREFIX, plot_metrics
+from spell_core.cli.monitor import METRICS_FILE
 from spell_core.evaluation.benchmarks import EvalItem, load_eval_data
 
-PREFIX = "eval_"
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Validation:
 
     def run(self, model, tokenizer, step: int, *, generate=None) -> dict:
         """Evaluate now; the metrics (eval_* keys) and the printed line."""
-        from spell_core.eval import evaluate
+        from spell_core.evaluation.harness import evaluate
 
         began = time.perf_counter()
         budget = self.prompt_budget
@@ -86,8 +87,6 @@ class Validation:
         """The step-0 evaluation as its own metrics.jsonl line (no training step has run)."""
         if not metrics:
             return
-        from spell_core.cli.monitor import METRICS_FILE, plot_metrics
-
         record = {"step": 0, **metrics}
         monitor.history.append(record)
         with open(Path(monitor.out) / METRICS_FILE, "a") as f:
@@ -100,20 +99,3 @@ def eval_line(step: int, summary: dict, ks, seconds: float) -> str:
     groups = " | ".join(f"{group} " + " ".join(f"pass@{k} {row[f'pass@{k}']:.3f}" for k in ks)
                         for group, row in summary.items())
     return f"eval step {step} | {groups} | {summary['all']['questions']} questions, {seconds:.1f} s"
-
-
-def has_eval(history: list[dict]) -> bool:
-    return any(key.startswith(PREFIX) and "pass@" in key for m in history for key in m)
-
-
-def plot_eval_panel(ax, history: list[dict]) -> None:
-    """pass@k per task type over the steps at which the run evaluated."""
-    records = [m for m in history if any(k.startswith(PREFIX) and "pass@" in k for k in m)]
-    keys = sorted({k for m in records for k in m if k.startswith(PREFIX) and "pass@" in k})
-    for key in keys:
-        points = [(m["step"], m[key]) for m in records if key in m]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key[len(PREFIX):])
-    ax.set_ylabel("eval pass@k")
-    ax.set_ylim(-0.05, 1.05)
-    ax.legend(loc="best", fontsize="x-small", ncol=2)
-    ax.grid(alpha=0.3)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spell_core.evaluation.harness import pass_at_k
 from spell_core.roles import TASK_TYPES
 
 BOOTSTRAP_DRAWS = 10000
@@ -46,8 +47,6 @@ def _question_key(q: dict) -> str:
 
 
 def _pass_at_k(n: np.ndarray, c: np.ndarray, k: int) -> np.ndarray:
-    from spell_core.eval import pass_at_k
-
     return np.array([pass_at_k(int(ni), int(ci), k) for ni, ci in zip(n, c)])
 
 

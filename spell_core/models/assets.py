@@ -38,12 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from spell_core.models.asset_error import AssetError
+
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_CORPUS = "shakespeare"
-
-
-class AssetError(RuntimeError):
-    """A model or corpus could not be found, fetched or converted; the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from spell_core.models.assets import AssetError
+from spell_core.models.asset_error import AssetError
 
 # Org/Name as the Hub spells repository ids, optionally @revision (a branch, tag or commit)
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
