@@ -30,10 +30,15 @@ def jsonl_objects(path: Path, error: type[Exception] = ValueError,
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise error(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise error(f"{where}: expected {expected}, got {type(record).__name__}")
-        yield where, record
+        yield where, json_object(line, where, error, expected)
+
+
+def json_object(line: str, where: str, error: type[Exception] = ValueError, expected: str = "a JSON object") -> dict:
+    """One JSON Lines line as a dict; `error` naming `where` (file:line) when it is not JSON or not an object."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise error(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise error(f"{where}: expected {expected}, got {type(record).__name__}")
+    return record

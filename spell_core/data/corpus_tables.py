@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from spell_core.common.textfiles import json_object
 from spell_core.data.documents import CorpusError, Document, _check_unique_ids, load_documents
 
 TABLE_SUFFIXES = (".parquet", ".jsonl")
@@ -168,12 +169,7 @@ def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[RowBatch]:
                                   "file to UTF-8") from None
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise CorpusError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            record = json_object(line, f"{path}:{number}", CorpusError)
             columns.update(record)
             rows.append((number, record))
             if len(rows) == batch_rows:
