@@ -25,49 +25,16 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from spell_kernels import flash_attn as fa  # noqa: E402
-from tests.kernels.aot import HOPPER_SHARED_LIMIT, compile_for_hopper_with_sass  # noqa: E402
+from tests.kernels.aot import (HOPPER_SHARED_LIMIT, compile_for_hopper_with_sass, kernel_signature,  # noqa: E402
+                               runtime_aligned)
 
 HEAD_DIMS = (64, 128)
 DATA_TYPES = ("bf16", "fp16")
 _CUDA = torch.device("cuda")  # only selects the GPU config table; nothing runs on a GPU
-_FP32_POINTERS = {"Lse", "Delta", "M", "D", "dQacc"}
-_INT_POINTERS = {"cu_q", "cu_k", "Parent", "child_ptr", "child_seg", "order"}
-_FLOAT_SCALARS = {"qk_scale", "sm_scale"}
-_INT_SCALAR_PREFIXES = ("stride_", "n_heads", "total_", "n_ctx", "H", "n_blocks")
 
 
 def _torch_dtype(data_type):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[data_type]
-
-
-def kernel_signature(fn, data_type, constexprs, descriptors=None):
-    """Triton signature of a flash_attn kernel from its argument names (pointers to data in
-    data_type, fp32 statistics, int32 offsets and strides); descriptors: name -> block shape."""
-    descriptors = descriptors or {}
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in descriptors:
-            signature[name] = f"tensordesc<{data_type}[{', '.join(map(str, descriptors[name]))}]>"
-        elif name in _FLOAT_SCALARS:
-            signature[name] = "fp32"
-        elif name.startswith(_INT_SCALAR_PREFIXES):
-            signature[name] = "i32"
-        elif name in _FP32_POINTERS:
-            signature[name] = "*fp32"
-        elif name in _INT_POINTERS:
-            signature[name] = "*i32"
-        else:
-            signature[name] = "*" + data_type
-    return signature
-
-
-def runtime_aligned(fn, constexprs, descriptors=()):
-    """What the JIT specialises at real shapes: 16-byte aligned pointers and strides that are
-    multiples of 16 (head dims 64/128); not token counts or the lse row stride."""
-    return [n for n in fn.arg_names if n not in constexprs and n not in _FLOAT_SCALARS and n not in descriptors
-            and not n.startswith(("n_heads", "total_", "n_blocks")) and n != "stride_lh"]
 
 
 def shipped_specs(data_type, head_dim, causal=True, has_parent=False):

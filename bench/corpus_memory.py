@@ -66,8 +66,8 @@ def peak_rss_mib() -> float:
 
 
 def measure(path: Path) -> dict:
-    from spell_core.corpus_tables import load_corpus
-    from spell_core.data import build_clusters
+    from spell_core.data.corpus_tables import load_corpus
+    from spell_core.data.documents import build_clusters
 
     tokenizer = word_tokenizer(path)
     baseline = peak_rss_mib()

@@ -36,12 +36,12 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from shakespeare_eval_data import make_questions
-    from spell_core import sampler
-    from spell_core.assets import resolve_corpus, resolve_model
-    from spell_core.benchmarks import load_eval_data
+    from spell_core.sampling import sampler
+    from spell_core.models.assets import resolve_corpus, resolve_model
+    from spell_core.evaluation.benchmarks import load_eval_data
     from spell_core.eval import evaluate
-    from spell_core.eval_prompts import build_eval_prompt
-    from spell_core.model import load_pretrained
+    from spell_core.evaluation.eval_prompts import build_eval_prompt
+    from spell_core.models.model import load_pretrained
 
     import json
     import tempfile

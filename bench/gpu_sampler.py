@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from spell_core.model import CausalLM, ModelConfig
-from spell_core.sampler import generate
+from spell_core.models.model import CausalLM, ModelConfig
+from spell_core.sampling.sampler import generate
 
 DRY = os.environ.get("DRY_RUN") == "1"
 DEVICE = "cpu" if DRY else "cuda"
@@ -31,8 +31,8 @@ SMOLLM2_CONFIG = dict(  # config.json of SmolLM2-135M-Instruct
 
 def load_model(dtype):
     try:
-        from spell_core.assets import cache_dir
-        from spell_core.model import load_pretrained
+        from spell_core.models.assets import cache_dir
+        from spell_core.models.model import load_pretrained
         if DRY or not (cache_dir() / "models" / "smollm2-135m-instruct" / "config.json").exists():
             raise FileNotFoundError
         model, _ = load_pretrained("smollm2-135m-instruct", dtype=dtype, device=DEVICE)

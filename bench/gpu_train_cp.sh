@@ -49,8 +49,8 @@ echo "== 3. self-play end to end: --ctx $CTX --cp $NGPU, 2 steps, then resume fo
 "$PY" - "$OUT/run" <<'PY'
 import sys
 import torch
-from spell_core import train_state
-from spell_core.model import CausalLM, config_from_folder
+from spell_core.training import train_state
+from spell_core.models.model import CausalLM, config_from_folder
 latest = train_state.find_latest(sys.argv[1])
 with torch.device("meta"):
     model = CausalLM(config_from_folder(latest))

@@ -42,7 +42,7 @@ def _spawn(argv, log):
 
 def _continue(out: Path) -> list[str]:
     """--resume; --overwrite when the killed run had saved nothing yet (nothing to resume)."""
-    from spell_core import train_state
+    from spell_core.training import train_state
 
     if train_state.find_latest(out) is not None:
         return ["--resume"]
@@ -74,7 +74,7 @@ def _wait_for_phase(phase: str, out: Path, process, rng: random.Random, timeout:
         time.sleep(rng.uniform(0.0, 3.0))
         return
     if phase == "a step":
-        from spell_core import train_state
+        from spell_core.training import train_state
 
         first = train_state.find_latest(out)
         while train_state.find_latest(out) == first and process.poll() is None and time.monotonic() < deadline:
@@ -93,8 +93,8 @@ def check_checkpoints(out: Path, model_folder: Path) -> list[int]:
     """Load every kept checkpoint into a fresh model and optimizer; their steps."""
     import torch
 
-    from spell_core import train_state
-    from spell_core.model import load_pretrained
+    from spell_core.training import train_state
+    from spell_core.models.model import load_pretrained
 
     steps = []
     for step, folder in train_state.list_checkpoints(out):
@@ -107,8 +107,8 @@ def check_checkpoints(out: Path, model_folder: Path) -> list[int]:
 
 
 def soak(cycles: int, steps: int, workdir: Path, seed: int = 0, report=print) -> dict:
-    from spell_core import train_state
-    from spell_core.assets import resolve_model
+    from spell_core.training import train_state
+    from spell_core.models.assets import resolve_model
     from tests.core.scripted import make_tiny_corpus, make_tiny_model
 
     rng = random.Random(seed)

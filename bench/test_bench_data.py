@@ -1,4 +1,4 @@
-"""Token counting for clustering: `spell_core.data.count_tokens` (the Rust tokenizer's batch
+"""Token counting for clustering: `spell_core.data.documents.count_tokens` (the Rust tokenizer's batch
 call) beside the baseline `tokenizer(texts, add_special_tokens=False)` of transformers, on the
 same documents; and `build_clusters` end to end, at the default budget (16k context).
 
@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-from spell_core.assets import resolve_corpus, resolve_model
-from spell_core.config import RunConfig
-from spell_core.data import build_clusters, load_documents, token_counter
+from spell_core.models.assets import resolve_corpus, resolve_model
+from spell_core.selfplay.config import RunConfig
+from spell_core.data.documents import build_clusters, load_documents, token_counter
 
 WORKS = None if os.environ.get("SPELL_BENCH_LONG") == "1" else 6
 

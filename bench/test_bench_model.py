@@ -13,8 +13,8 @@ import pytest
 import torch
 import transformers
 
-from spell_core.assets import resolve_model
-from spell_core.model import CausalLM, ModelConfig
+from spell_core.models.assets import resolve_model
+from spell_core.models.model import CausalLM, ModelConfig
 
 FULL = os.environ.get("SPELL_BENCH_FULL") == "1"
 LENGTHS = [256, 512, 1024, 1536, 2048] if FULL else [256, 384, 768]

@@ -24,13 +24,13 @@ QUESTIONS = [Task(DOC_QA, "Which character speaks the first line of the play?", 
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from spell_core.assets import resolve_model
+    from spell_core.models.assets import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
 
 
 def cluster_texts(tokenizer, n_tokens, piece_chars=8000):
-    from spell_core.assets import resolve_corpus
+    from spell_core.models.assets import resolve_corpus
 
     texts, total = [], 0
     for path in sorted(Path(resolve_corpus()).glob("*.txt")):

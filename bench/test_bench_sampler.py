@@ -1,4 +1,4 @@
-"""The sampler (`spell_core.sampler.generate`) against transformers' `generate` on the default
+"""The sampler (`spell_core.sampling.sampler.generate`) against transformers' `generate` on the default
 model (SmolLM2-135M-Instruct), same weights, same run, fp32, sampling at T = 0.7, top-p 0.95,
 fixed lengths (eos ignored on both sides, so both produce exactly the same number of tokens):
 
@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from spell_core.assets import resolve_corpus, resolve_model
-from spell_core.data import load_documents
-from spell_core.kv_cache import DecodeAttention, KVCache, WaveLayout, kv_bytes_per_token
-from spell_core.model import load_pretrained
-from spell_core.sampler import _decode_step, _decode_tables, _Sample, generate
-from spell_core.sampling import draw_uniforms, make_generators, select_tokens
+from spell_core.models.assets import resolve_corpus, resolve_model
+from spell_core.data.documents import load_documents
+from spell_core.sampling.kv_cache import DecodeAttention, KVCache, WaveLayout, kv_bytes_per_token
+from spell_core.models.model import load_pretrained
+from spell_core.sampling.sampler import _decode_step, _decode_tables, _Sample, generate
+from spell_core.sampling.token_selection import draw_uniforms, make_generators, select_tokens
 
 FULL = os.environ.get("SPELL_BENCH_FULL") == "1"
 THREADS = int(os.environ.get("SPELL_BENCH_THREADS", "1"))

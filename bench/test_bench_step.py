@@ -20,9 +20,9 @@ import os
 
 import pytest
 
-from spell_core.config import RunConfig
-from spell_core.data import build_clusters, load_documents
-from spell_core.loop import STAGES, SelfPlay
+from spell_core.selfplay.config import RunConfig
+from spell_core.data.documents import build_clusters, load_documents
+from spell_core.selfplay.loop import STAGES, SelfPlay
 from spell_core.run import CPU_DEFAULTS
 from tests.core.scripted import make_tiny_model, random_play, role_of, scripted_generate
 
@@ -42,8 +42,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from spell_core.assets import resolve_corpus, resolve_model
-    from spell_core.model import load_pretrained
+    from spell_core.models.assets import resolve_corpus, resolve_model
+    from spell_core.models.model import load_pretrained
 
     folder = resolve_model("smollm2-135m-instruct") if FULL else make_tiny_model(tmp_path_factory.mktemp("tiny"), resolve_model("smollm2-135m-instruct"))
     model, tokenizer = load_pretrained(folder)
@@ -71,7 +71,7 @@ def forced_questions(real_generate):
 
 @pytest.mark.parametrize("variant", ["as_is", "forced_questions"])
 def test_step(benchmark, setup, variant):
-    from spell_core import sampler
+    from spell_core.sampling import sampler
 
     model, tokenizer, clusters, config = setup
     generate = sampler.generate if variant == "as_is" else forced_questions(sampler.generate)
@@ -105,7 +105,7 @@ def scripted_batch(setup):
 
 @pytest.mark.parametrize("packing", ["shared_prefix", "unpacked_baseline"])
 def test_update(benchmark, setup, scripted_batch, packing):
-    from spell_core.trainer import Trainer, TrainerOptions
+    from spell_core.training.trainer import Trainer, TrainerOptions
 
     model, _, _, config = setup
     options = TrainerOptions(micro_batch_tokens=CPU_DEFAULTS["micro_batch_tokens"],

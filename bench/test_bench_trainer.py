@@ -39,10 +39,10 @@ CHECKPOINTING = FULL
 
 
 def build(variant):
-    from spell_core.assets import resolve_model
-    from spell_core.batch import Trajectory
-    from spell_core.model import CausalLM, ModelConfig
-    from spell_core.trainer import Trainer, TrainerOptions
+    from spell_core.models.assets import resolve_model
+    from spell_core.selfplay.batch import Trajectory
+    from spell_core.models.model import CausalLM, ModelConfig
+    from spell_core.training.trainer import Trainer, TrainerOptions
 
     raw = json.loads((resolve_model("smollm2-135m-instruct") / "config.json").read_text())
     if LAYERS is not None:
@@ -87,7 +87,7 @@ def test_peak_memory():
 
 
 def _peak_memory(variant):
-    from spell_core.batch import Trajectory
+    from spell_core.selfplay.batch import Trajectory
 
     trainer, batch = build(variant)
     trainer.train_step([Trajectory("responder", [1, 2], [3], [-1.0], 1.0)])  # allocates AdamW's moments

@@ -30,10 +30,10 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from spell_core.batch import Trajectory
-from spell_core.distributed import init_distributed, shutdown
-from spell_core.model import CausalLM, ModelConfig
-from spell_core.trainer import Trainer, TrainerOptions
+from spell_core.selfplay.batch import Trajectory
+from spell_core.distributed.process_groups import init_distributed, shutdown
+from spell_core.models.model import CausalLM, ModelConfig
+from spell_core.training.trainer import Trainer, TrainerOptions
 
 
 def parse_args(argv=None):
@@ -120,8 +120,8 @@ def _full_weights(model):
 def run_rank(topology, args, layout):
     import torch.distributed as dist
 
-    from spell_core.context_parallel import shard_micro_batch
-    from spell_core.trainer import plan_micro_batches
+    from spell_core.distributed.context_parallel import shard_micro_batch
+    from spell_core.training.trainer import plan_micro_batches
 
     model = build_model(args, topology.device)
     shared_prefix = layout != "cp-plain"

@@ -67,7 +67,7 @@ def make_questions(corpus: Path, per_type: int, n_lines: int, seed: int) -> list
 
 
 def main() -> None:
-    from spell_core.assets import resolve_corpus
+    from spell_core.models.assets import resolve_corpus
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="shakespeare_eval.jsonl")

@@ -33,7 +33,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spell_core.config import parse_ctx
+from spell_core.selfplay.config import parse_ctx
 
 __all__ = ["MemoryPlan", "plan_memory", "read_model_config", "parse_bytes", "main"]
 
@@ -62,7 +62,7 @@ class Shape:
 
     @classmethod
     def from_config(cls, raw: dict, dtype: str | None = None) -> "Shape":
-        from spell_core.model import ModelConfig
+        from spell_core.models.model import ModelConfig
 
         config = ModelConfig.from_hf(raw)
         name = dtype or raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
@@ -94,7 +94,7 @@ class Shape:
         return max(4, self.bytes)
 
     def activation_bytes_per_token_layer(self) -> int:
-        """What autograd keeps per token in one decoder layer (spell_core/model.py): each RMSNorm
+        """What autograd keeps per token in one decoder layer (spell_core/models/model.py): each RMSNorm
         its fp32 input and normalised output (4 + b) H plus its output b H; q and k after RoPE,
         v, the attention output (b each) and its fp32 LSE; gate, silu(gate), up and their
         product (b I each); with q/k norm their fp32 inputs and outputs."""
@@ -170,7 +170,7 @@ def activation_peaks(shape: Shape, tokens: int, gradient_checkpointing: bool, de
                      gradients_held: bool = False) -> dict[str, int]:
     """Bytes live on one rank, beyond weights, gradient shards and optimizer state, at each moment
     of one micro-batch of `tokens` tokens where the peak can fall, counted from what the code
-    allocates (spell_core/model.py, spell_kernels/policy_loss.py, spell_kernels/attn_cpu.py) and checked
+    allocates (spell_core/models/model.py, spell_kernels/policy_loss.py, spell_kernels/attn_cpu.py) and checked
     tensor by tensor against a memory timeline of a CPU step (bench/results/plan.md):
 
       loss (forward)        every layer's saved tensors, the final norm's, its output, the fused
@@ -337,7 +337,7 @@ def read_model_config(model: str) -> dict:
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} has no config.json")
         return json.loads((path / "config.json").read_text())
-    from spell_core import assets
+    from spell_core.models import assets
 
     if str(model).strip().lower() in assets._MODEL_ALIASES:
         return json.loads((assets.resolve_model(model) / "config.json").read_text())
@@ -388,7 +388,7 @@ def check_run_fits(config, args, topology=None) -> MemoryPlan:
     memory, the world size); ValueError with the plan and its advice when it does not fit."""
     import torch
 
-    from spell_core.assets import resolve_model
+    from spell_core.models.assets import resolve_model
 
     shape = Shape.from_config(read_model_config(str(resolve_model(config.model.name))))
     total = torch.cuda.get_device_properties(torch.device(config.model.device)).total_memory

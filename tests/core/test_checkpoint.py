@@ -11,9 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from spell_core import checkpoint as ckpt
-from spell_core.assets import AssetError
-from spell_core.model import CausalLM, ModelConfig, load_pretrained, save_pretrained
+from spell_core.models import checkpoint as ckpt
+from spell_core.models.assets import AssetError
+from spell_core.models.model import CausalLM, ModelConfig, load_pretrained, save_pretrained
 
 WORDS = ["<unk>", "to", "be", "or", "not", "that", "is", "the", "question"]
 

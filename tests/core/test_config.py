@@ -1,7 +1,7 @@
 """Run configuration: `--ctx` parsing, the cluster budget formula, SPEC.md's defaults."""
 import pytest
 
-from spell_core.config import RunConfig, context_needed, parse_ctx
+from spell_core.selfplay.config import RunConfig, context_needed, parse_ctx
 
 
 @pytest.mark.parametrize(

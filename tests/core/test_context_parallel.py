@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import spell_kernels
-from spell_core.batch import Trajectory
-from spell_core.context_parallel import RingAttention, _token_weighted_advantages, micro_batch_loss, shard_micro_batch
-from spell_core.distributed import Topology
-from spell_core.trainer import TrainerOptions, plan_micro_batches
+from spell_core.selfplay.batch import Trajectory
+from spell_core.distributed.context_parallel import RingAttention, _token_weighted_advantages, micro_batch_loss, shard_micro_batch
+from spell_core.distributed.process_groups import Topology
+from spell_core.training.trainer import TrainerOptions, plan_micro_batches
 from tests.core.test_distributed import OPTIONS, check_distributed_step, make_batch, run_ranks, tiny_model
 
 CP_TOLERANCE = 1e-6  # relative, loss and gradient norm

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spell_core.assets import resolve_model
-from spell_core.corpus_tables import StoredText, load_corpus
-from spell_core.data import CorpusError, Document, build_clusters
-from spell_core.task_types import TaskRules
+from spell_core.models.assets import resolve_model
+from spell_core.data.corpus_tables import StoredText, load_corpus
+from spell_core.data.documents import CorpusError, Document, build_clusters
+from spell_core.data.task_types import TaskRules
 
 DOCMATH = {"question_id": "dm-17", "data_source": "docmath_compshort",
            "paragraphs": ["Revenue in 2021 was 4.2 million dollars.", "Costs in 2021 were 3.1 million dollars."]}

@@ -1,7 +1,7 @@
 """The CPU run's default thread count: idle cores, worked by hand."""
 import torch
 
-from spell_core.cpu_threads import idle_core_threads
+from spell_core.common.cpu_threads import idle_core_threads
 
 
 def test_idle_cores_minus_the_busy_ones_shared_by_local_ranks_and_capped_by_torch():
@@ -29,7 +29,7 @@ def test_busy_cores_counts_a_spinning_process(tmp_path):
     import subprocess
     import sys
 
-    from spell_core.cpu_threads import busy_cores
+    from spell_core.common.cpu_threads import busy_cores
     spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
     try:
         import time
@@ -45,7 +45,7 @@ def test_without_sched_getaffinity_the_core_count_is_os_cpu_count(monkeypatch):
     """macOS has no os.sched_getaffinity: the run falls back to os.cpu_count() instead of failing."""
     import os
 
-    from spell_core import cpu_threads
+    from spell_core.common import cpu_threads
 
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 6)

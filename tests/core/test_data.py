@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spell_core.assets import resolve_corpus, resolve_model
-from spell_core.data import CorpusError, Document, build_clusters, load_documents, split_play, strip_gutenberg
+from spell_core.models.assets import resolve_corpus, resolve_model
+from spell_core.data.documents import CorpusError, Document, build_clusters, load_documents, split_play, strip_gutenberg
 from spell_core.roles.chat import render_documents
 
 

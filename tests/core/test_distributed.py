@@ -26,12 +26,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import spell_kernels
-from spell_core import data_parallel, sharded_training, train_state
-from spell_core.batch import Trajectory
-from spell_core.distributed import (RANK_FAILURE_EXIT_CODE, DistributedSetupError, Topology, Watchdog,
+from spell_core.selfplay import data_parallel
+from spell_core.distributed import sharded_training
+from spell_core.training import train_state
+from spell_core.selfplay.batch import Trajectory
+from spell_core.distributed.process_groups import (RANK_FAILURE_EXIT_CODE, DistributedSetupError, Topology, Watchdog,
                                     failure_guard, init_distributed, launch_env, shutdown, validate_sizes)
-from spell_core.model import CausalLM, ModelConfig
-from spell_core.trainer import Trainer, TrainerOptions
+from spell_core.models.model import CausalLM, ModelConfig
+from spell_core.training.trainer import Trainer, TrainerOptions
 
 VOCAB = 61
 RAW_CONFIG = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=VOCAB, hidden_size=32,
@@ -411,7 +413,7 @@ def test_cluster_shares_are_disjoint_and_cover_everything():
 
 
 def test_rank_config_splits_questions_and_groups_and_seeds():
-    from spell_core.config import RunConfig
+    from spell_core.selfplay.config import RunConfig
 
     config = RunConfig()
     per_rank = [data_parallel.rank_run_config(config, r, 3) for r in range(3)]
@@ -479,7 +481,7 @@ def test_run_refuses_a_cp_that_does_not_divide_the_world(run_assets, tmp_path, m
 
 @pytest.fixture(scope="module")
 def run_assets(tmp_path_factory):
-    from spell_core.assets import resolve_model
+    from spell_core.models.assets import resolve_model
     from tests.core.scripted import make_tiny_corpus, make_tiny_model
 
     model = make_tiny_model(tmp_path_factory.mktemp("tiny-model"), resolve_model("smollm2-135m-instruct"))

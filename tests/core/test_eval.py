@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 
-from spell_core import sampler
+from spell_core.sampling import sampler
 from spell_core.eval import EvalDataError, load_eval_data, main, pass_at_k
 from tests.core.scripted import make_tiny_model, scripted_generate
 
@@ -109,7 +109,7 @@ def answers(role, text, i, j, rng):
 
 
 def test_evaluation_table_and_json(tmp_path, monkeypatch, capsys):
-    from spell_core.assets import resolve_model
+    from spell_core.models.assets import resolve_model
 
     model = make_tiny_model(tmp_path / "model", resolve_model("smollm2-135m-instruct"))
     data = tmp_path / "questions.jsonl"

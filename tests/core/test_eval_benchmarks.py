@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from spell_core.benchmarks import FORMATS, EvalDataError, load_eval_data
+from spell_core.evaluation.benchmarks import FORMATS, EvalDataError, load_eval_data
 from spell_core.eval import evaluate
-from spell_core.judge import Judge
-from spell_core.truncation import parse_budget, truncate_middle
+from spell_core.evaluation.judge import Judge
+from spell_core.evaluation.truncation import parse_budget, truncate_middle
 from tests.core.scripted import scripted_generate
 
 TABLE = "| year | revenue |\n|---|---|\n| 2020 | 7.5 |"
@@ -84,7 +84,7 @@ def write(path, records, container):
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from spell_core.assets import resolve_model
+    from spell_core.models.assets import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
 
@@ -135,7 +135,7 @@ def test_fields_become_tasks_and_documents(tmp_path):
 
 
 def test_mc_prompt_lists_choices_longbench_v2_style(tmp_path, tokenizer):
-    from spell_core.eval_prompts import build_eval_prompt
+    from spell_core.evaluation.eval_prompts import build_eval_prompt
 
     item = load_eval_data(write(tmp_path / "a.json", CASES["longbench-v2"][0], "json"))[0]
     text = build_eval_prompt(tokenizer, item.documents, item.task).text
@@ -187,7 +187,7 @@ def test_truncation_keeps_exactly_head_and_tail_of_the_budget():
 
 
 def test_long_prompts_reach_the_sampler_cut_in_the_middle(tmp_path, tokenizer):
-    from spell_core.eval_prompts import build_eval_prompt
+    from spell_core.evaluation.eval_prompts import build_eval_prompt
 
     long_context = " ".join(f"word{i}" for i in range(400))
     records = [{"context": long_context, "question": "What hangs by the door?", "answer": "lantern",

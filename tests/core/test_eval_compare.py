@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from spell_core import sampler
-from spell_core.compare import CompareError, compare, paired_bootstrap
+from spell_core.sampling import sampler
+from spell_core.evaluation.compare import CompareError, compare, paired_bootstrap
 from spell_core.eval import main as eval_main
 
 
@@ -71,7 +71,7 @@ def test_compare_command_prints_the_table_and_draws(tmp_path, capsys):
 # --- validation during training ------------------------------------------------------------------
 
 def test_run_evaluates_at_step_zero_and_every_n_steps(tmp_path, monkeypatch, capsys):
-    from spell_core.assets import resolve_model
+    from spell_core.models.assets import resolve_model
     from spell_core.run import main as run_main
     from tests.core.scripted import make_tiny_corpus, make_tiny_model, random_play, scripted_generate
 

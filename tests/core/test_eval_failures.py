@@ -7,7 +7,7 @@ import os
 import pytest
 
 from spell_core import eval as spell_eval
-from spell_core import sampler
+from spell_core.sampling import sampler
 from tests.core.scripted import scripted_generate
 
 LINE = {"context": "The lantern hangs by the door.", "question": "What hangs by the door?", "answer": "lantern",
@@ -23,7 +23,7 @@ def data(tmp_path):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from spell_core.assets import resolve_model
+    from spell_core.models.assets import resolve_model
     from tests.core.scripted import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("model"), resolve_model("smollm2-135m-instruct"))
@@ -38,7 +38,7 @@ def run(data, model, out, *extra):
 def never_loads(monkeypatch):
     def load_pretrained(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
-    monkeypatch.setattr("spell_core.model.load_pretrained", load_pretrained)
+    monkeypatch.setattr("spell_core.models.model.load_pretrained", load_pretrained)
 
 
 @pytest.mark.parametrize("case", ["a folder", "under a file", "unwritable"])

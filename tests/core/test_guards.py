@@ -1,10 +1,10 @@
-"""spell_core.guards: the fused finiteness check and the rollback of an update to non-finite weights."""
+"""spell_core.common.guards: the fused finiteness check and the rollback of an update to non-finite weights."""
 import math
 
 import pytest
 import torch
 
-from spell_core.guards import NonFiniteUpdatesError, UpdateGuard, all_finite, non_finite
+from spell_core.common.guards import NonFiniteUpdatesError, UpdateGuard, all_finite, non_finite
 
 
 def test_non_finite_names_every_tensor_with_a_nan_or_inf_and_huge_finite_values_pass():

@@ -10,14 +10,14 @@ import sys
 import pytest
 import torch
 
-from spell_core.hub import is_hub_id, split_hub_id
+from spell_core.models.hub import is_hub_id, split_hub_id
 from tests.core.scripted import make_tiny_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 RESOLVE = """
 import json, sys
-from spell_core.assets import AssetError, resolve_model
+from spell_core.models.assets import AssetError, resolve_model
 out = {}
 for name in sys.argv[1:]:
     try:
@@ -30,7 +30,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def hub_cache(tmp_path_factory):
-    from spell_core.assets import resolve_model
+    from spell_core.models.assets import resolve_model
 
     root = tmp_path_factory.mktemp("hf")
     repo = root / "hub" / "models--Org--Tiny-Model"
@@ -65,7 +65,7 @@ def test_hub_id_and_revision_resolve_from_the_offline_cache(hub_cache):
 
     from safetensors.torch import load_file
 
-    from spell_core.model import load_pretrained
+    from spell_core.models.model import load_pretrained
 
     model, _ = load_pretrained(found["Org/Tiny-Model"])
     saved = load_file(snapshot / "model.safetensors")

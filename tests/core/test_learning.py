@@ -3,7 +3,7 @@
 Task: a tiny random Llama (vocabulary 32, one layer) gets two fixed 5-token prompts made of
 tokens 8..31; an answer earns reward 1 when its first sampled token is one of 0..7 (a quarter
 of the vocabulary), else 0. Each step samples 8 answers of up to 3 tokens per prompt at
-temperature 1 (`spell_core.sampler.generate`), turns rewards into GRPO advantages per prompt
+temperature 1 (`spell_core.sampling.sampler.generate`), turns rewards into GRPO advantages per prompt
 (`spell_kernels.group_advantages`) and takes one trainer step (lr 3e-3, the sampler's
 log-probs as old log-probs). The success rate is measured exactly, as the probability mass
 of 0..7 at the first answer position, averaged over the prompts.
@@ -16,10 +16,10 @@ token, trainer log-prob over sampler log-prob, stays within 1e-4 of 1.
 import torch
 
 import spell_kernels
-from spell_core.batch import Trajectory
-from spell_core.model import CausalLM, ModelConfig
-from spell_core.sampler import generate
-from spell_core.trainer import Trainer, TrainerOptions
+from spell_core.selfplay.batch import Trajectory
+from spell_core.models.model import CausalLM, ModelConfig
+from spell_core.sampling.sampler import generate
+from spell_core.training.trainer import Trainer, TrainerOptions
 
 VOCAB = 32
 TARGET = list(range(8))

@@ -19,13 +19,13 @@ import os
 
 import torch
 
-from spell_core.config import RunConfig, parse_ctx
-from spell_core import sampler
-from spell_core.data import build_clusters, load_documents
-from spell_core.loop import SelfPlay
-from spell_core.model import load_pretrained
-from spell_core.task_types import TaskRules
-from spell_core.trainer import Trainer, TrainerOptions
+from spell_core.selfplay.config import RunConfig, parse_ctx
+from spell_core.sampling import sampler
+from spell_core.data.documents import build_clusters, load_documents
+from spell_core.selfplay.loop import SelfPlay
+from spell_core.models.model import load_pretrained
+from spell_core.data.task_types import TaskRules
+from spell_core.training.trainer import Trainer, TrainerOptions
 from tests.core.scripted import role_of, scripted_generate
 
 CTX = parse_ctx(os.environ.get("SPELL_LONG_CTX", "128k"))
@@ -84,7 +84,7 @@ def play(role, text, i, j, rng):
 
 
 def test_one_self_play_step_and_update_at_the_full_context(tmp_path):
-    from spell_core.assets import resolve_model
+    from spell_core.models.assets import resolve_model
 
     config = RunConfig()
     config.data.ctx = CTX

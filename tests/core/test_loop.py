@@ -12,10 +12,10 @@ import statistics
 
 import pytest
 
-from spell_core.config import RunConfig
-from spell_core.data import build_clusters, load_documents
-from spell_core.loop import SelfPlay, StepAbandoned, packed_token_counts
-from spell_core.model import load_pretrained
+from spell_core.selfplay.config import RunConfig
+from spell_core.data.documents import build_clusters, load_documents
+from spell_core.selfplay.loop import SelfPlay, StepAbandoned, packed_token_counts
+from spell_core.models.model import load_pretrained
 from spell_core.roles import Status
 from tests.core.scripted import make_tiny_corpus, make_tiny_model, scripted_generate
 
@@ -24,7 +24,7 @@ G = 4
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from spell_core.assets import resolve_model
+    from spell_core.models.assets import resolve_model
 
     folder = make_tiny_model(tmp_path_factory.mktemp("tiny-model"), resolve_model("smollm2-135m-instruct"))
     corpus = make_tiny_corpus(tmp_path_factory.mktemp("corpus") / "c")

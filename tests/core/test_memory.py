@@ -5,11 +5,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from spell_core.memory import HistoryMemory, MemoryEntry, enters_memory, evidence_ids
+from spell_core.selfplay.memory import HistoryMemory, MemoryEntry, enters_memory, evidence_ids
 
 
 def cluster(n_docs, cluster_id="c0"):
-    # duck-typed like spell_core.data.Cluster / Document: .id, .documents, .text
+    # duck-typed like spell_core.data.documents.Cluster / Document: .id, .documents, .text
     documents = [SimpleNamespace(id=f"d{i}", text=f"text {i}", source="s", n_tokens=2) for i in range(n_docs)]
     return SimpleNamespace(id=cluster_id, documents=documents, n_tokens=2 * n_docs)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers
 
-from spell_core.assets import resolve_model
-from spell_core.model import ModelConfig, load_pretrained, with_rope_scaling
+from spell_core.models.assets import resolve_model
+from spell_core.models.model import ModelConfig, load_pretrained, with_rope_scaling
 from tests.core.tiny_models import ours_from_hf, perturbed_hf_model
 
 LOGIT_TOL = 1e-4  # float32, max abs difference (the bound)

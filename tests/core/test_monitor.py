@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from spell_core.monitor import GpuTelemetry, Monitor, progress_bar, summary_line
-from spell_core.sampler import ProgressEvent
+from spell_core.cli.monitor import GpuTelemetry, Monitor, progress_bar, summary_line
+from spell_core.sampling.sampler import ProgressEvent
 
 
 def metrics(step, **extra):
@@ -107,7 +107,7 @@ def test_step_line_shows_the_time_of_each_stage():
 
 def test_question_lines_say_what_was_asked_and_how_the_roles_fared(tmp_path, capsys):
     from spell_core.roles import Status, Task
-    from spell_core.rollout import Question, ResponderGroup, Sample, VerifierGroup
+    from spell_core.selfplay.rollout import Question, ResponderGroup, Sample, VerifierGroup
 
     def sample(text=""):
         return Sample([1], [0.0], text)

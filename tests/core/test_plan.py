@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spell_core import plan
-from spell_core.model import CausalLM, ModelConfig
+from spell_core.models.model import CausalLM, ModelConfig
 
 QWEN3_8B = Path(__file__).parent / "fixtures" / "qwen3_8b_config.json"
 GiB = 2**30
@@ -118,8 +118,8 @@ def test_activation_model_against_the_live_bytes_of_a_cpu_step(checkpointing):
     """The counted model against a measurement: the exact peak of live tensor bytes (torch.profiler's
     memory events) during one train step of a tiny random Qwen3 (q/k norms) on CPU, fp32."""
     from bench.memory import live_tensor_peak
-    from spell_core.batch import Trajectory
-    from spell_core.trainer import Trainer, TrainerOptions
+    from spell_core.selfplay.batch import Trajectory
+    from spell_core.training.trainer import Trainer, TrainerOptions
 
     raw = dict(model_type="qwen3", hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=4, head_dim=16, vocab_size=512, max_position_embeddings=4096, rope_theta=1e4,

@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from spell_core.memory import MemoryEntry
+from spell_core.selfplay.memory import MemoryEntry
 from spell_core.roles import (DOC_MATH, DOC_MC, DOC_QA, TASK_TYPES, Task, build_grounding_prompt,
                               build_questioner_prompt, build_responder_prompt, build_verifier_prompt,
                               token_counter)
@@ -205,7 +205,7 @@ def test_verifier_prompt_states_the_numeric_tolerance(tokenizer):
 def test_default_model_tokenizer_shares_every_document():
     from transformers import AutoTokenizer
 
-    from spell_core.assets import resolve_model
+    from spell_core.models.assets import resolve_model
 
     smollm = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
     a = build_responder_prompt(smollm, DOCUMENTS, QA_TASK)

@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from spell_core.monitor import Monitor
-from spell_core.reporters import ReporterError, parse_report_to, scalars
+from spell_core.cli.monitor import Monitor
+from spell_core.cli.reporters import ReporterError, parse_report_to, scalars
 from tests.core.test_run import argv, assets, scripted  # noqa: F401 (the tiny model, corpus and scripted outputs)
 from tests.core.wandb_records import wandb_records
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spell_core import sampler, train_state
+from spell_core.sampling import sampler
+
+from spell_core.training import train_state
 from spell_core.run import main
 from tests.core.scripted import make_tiny_corpus, make_tiny_model, random_play, scripted_generate
 
@@ -24,7 +26,7 @@ TIMING = ("time_", "step_time_s", "train_step_time_s", "cpu_", "step_cpu")
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from spell_core.assets import resolve_model
+    from spell_core.models.assets import resolve_model
 
     model = make_tiny_model(tmp_path_factory.mktemp("tiny-model"), resolve_model("smollm2-135m-instruct"))
     corpus = make_tiny_corpus(tmp_path_factory.mktemp("corpus") / "c")
@@ -165,7 +167,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_loadable(asset
     process.communicate(timeout=60)
     latest = train_state.find_latest(out)
     assert latest is not None and latest.name == "step-000001"
-    from spell_core.model import load_pretrained
+    from spell_core.models.model import load_pretrained
     model, _ = load_pretrained(assets[0])
     step, extra = train_state.load(latest, model)
     assert step == 1 and extra["self_play"]["steps_done"] == 1
@@ -178,7 +180,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_loadable(asset
 
 
 def test_nan_update_is_reported_and_the_run_continues(assets, scripted, tmp_path, monkeypatch, capsys):
-    from spell_core.trainer import Trainer
+    from spell_core.training.trainer import Trainer
 
     def nan_step(self, trajectories):
         return {"skipped": True, "skip_reason": "non-finite loss (NaN/Inf): update skipped", "loss": float("nan")}
@@ -194,7 +196,7 @@ def test_nan_update_is_reported_and_the_run_continues(assets, scripted, tmp_path
 
 
 def test_out_of_memory_names_the_knobs_and_keeps_the_last_state(assets, scripted, tmp_path, monkeypatch, capsys):
-    from spell_core.trainer import Trainer
+    from spell_core.training.trainer import Trainer
 
     def oom(self, trajectories):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spell_core.assets import resolve_model
+from spell_core.models.assets import resolve_model
 from spell_core.run import main
 from tests.core.scripted import NOTES, make_tiny_corpus, make_tiny_model
 
@@ -138,7 +138,7 @@ def test_method_flags_reach_the_config_and_the_trainer(monkeypatch):
     defaults = trainer_options(*config_from_args(["--device", "cpu"]))
     assert (defaults.clip_low, defaults.clip_high, defaults.dual_clip) == (0.2, 0.2, 3.0)
 
-    monkeypatch.setattr("spell_core.run._resolve_device", lambda device: "cuda")
+    monkeypatch.setattr("spell_core.cli.run_options._resolve_device", lambda device: "cuda")
     gpu, _ = config_from_args(["--enable-thinking"])
     assert gpu.sampling.max_response_tokens == THINKING_MAX_NEW_TOKENS == 20480
     assert (gpu.loop.questions, gpu.loop.max_rounds, gpu.loop.kept_groups) == (480, 10, 128)
@@ -163,7 +163,7 @@ def test_cpu_runs_pack_2048_tokens_overlap_grounding_and_keep_no_rollback_snapsh
     assert (on.gradient_checkpointing, on.rollback_snapshot) == (True, True)
     off = trainer_options(*config_from_args(["--device", "cpu", "--no-gradient-checkpointing"]))
     assert off.gradient_checkpointing is False
-    monkeypatch.setattr("spell_core.run._resolve_device", lambda device: "cuda")
+    monkeypatch.setattr("spell_core.cli.run_options._resolve_device", lambda device: "cuda")
     gpu_config, gpu_args = config_from_args([])
     gpu = trainer_options(gpu_config, gpu_args)
     assert (gpu.gradient_checkpointing, gpu.micro_batch_tokens) == (False, 32768)

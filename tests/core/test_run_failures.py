@@ -7,7 +7,9 @@ import shutil
 import pytest
 from safetensors import SafetensorError
 
-from spell_core import checkpoint, train_state
+from spell_core.models import checkpoint
+
+from spell_core.training import train_state
 from spell_core.run import main
 from tests.core.test_run import argv, assets, metrics_lines, scripted  # noqa: F401
 
@@ -15,7 +17,7 @@ from tests.core.test_run import argv, assets, metrics_lines, scripted  # noqa: F
 @pytest.fixture(scope="module")
 def finished_run(assets, tmp_path_factory):
     """A run of 2 steps with a checkpoint after each (step-000001, step-000002)."""
-    from spell_core import sampler
+    from spell_core.sampling import sampler
     from tests.core.scripted import random_play, scripted_generate
 
     out = tmp_path_factory.mktemp("finished") / "run"
@@ -53,7 +55,7 @@ def test_an_unusable_out_is_a_clear_error_before_the_model_loads(assets, tmp_pat
 def test_too_little_free_space_for_a_checkpoint_is_refused_before_the_model_loads(assets, tmp_path, capsys,
                                                                                   monkeypatch):
     real = shutil.disk_usage
-    monkeypatch.setattr("spell_core.run_folder.shutil.disk_usage", lambda path: real(path)._replace(free=5 * 2**20))
+    monkeypatch.setattr("spell_core.cli.run_folder.shutil.disk_usage", lambda path: real(path)._replace(free=5 * 2**20))
     out = tmp_path / "run"
     assert main(argv(assets, out, "--steps", "1")) == 1
     captured = capsys.readouterr()
@@ -83,7 +85,7 @@ def test_a_full_disk_during_a_save_removes_the_partial_save_and_keeps_the_previo
     assert "--resume" in err and "Traceback" not in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000001"]
     assert [m["step"] for m in metrics_lines(out)] == [1, 2]  # the run stopped at the failed save
-    from spell_core.model import load_pretrained
+    from spell_core.models.model import load_pretrained
     assert train_state.load(out / "checkpoints" / "step-000001", load_pretrained(assets[0])[0])[0] == 1
 
 
@@ -178,7 +180,7 @@ def test_a_model_folder_without_tokenizer_files_names_them(assets, tmp_path, cap
 
 def test_a_kill_while_pruning_never_leaves_a_half_deleted_checkpoint_that_looks_complete(assets, tmp_path,
                                                                                          monkeypatch):
-    from spell_core.model import load_pretrained
+    from spell_core.models.model import load_pretrained
 
     model, tokenizer = load_pretrained(assets[0])
     for step in (1, 2):

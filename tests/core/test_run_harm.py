@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from spell_core import train_state
-from spell_core.checkpoint import CheckpointError
+from spell_core.training import train_state
+from spell_core.models.checkpoint import CheckpointError
 from spell_core.run import main
 from tests.core.test_run import _spawn, _wait_for, argv, assets, metrics_lines, scripted, weights  # noqa: F401
 
@@ -148,7 +148,7 @@ def test_without_a_rollback_snapshot_a_non_finite_update_stops_the_run_and_keeps
 
 
 def test_a_checkpoint_is_never_written_from_non_finite_weights(assets, tmp_path):
-    from spell_core.model import load_pretrained
+    from spell_core.models.model import load_pretrained
 
     model, tokenizer = load_pretrained(assets[0])
     train_state.save(tmp_path, 1, model, tokenizer, None)
@@ -162,7 +162,7 @@ def test_a_checkpoint_is_never_written_from_non_finite_weights(assets, tmp_path)
 
 
 def test_a_model_folder_with_nan_weights_is_refused_naming_the_tensor(assets, tmp_path, capsys):
-    from spell_core.model import load_pretrained
+    from spell_core.models.model import load_pretrained
 
     folder = shutil.copytree(assets[0], tmp_path / "nan-model")
     tensors = load_file(folder / "model.safetensors")
@@ -176,7 +176,7 @@ def test_a_model_folder_with_nan_weights_is_refused_naming_the_tensor(assets, tm
 
 
 def test_config_differences_ignore_free_keys_and_options_of_other_versions():
-    from spell_core.run_folder import config_differences
+    from spell_core.cli.run_folder import config_differences
 
     stored = {"model": {"name": "m"}, "steps": 3, "save_every": 1, "out": "a", "data": {"ctx": 2048},
               "trainer": {"betas": [0.9, 0.999], "old_knob": 1}}

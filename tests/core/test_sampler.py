@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from spell_core.kv_cache import kv_bytes_per_token
-from spell_core.sampler import Completion, default_stop_token_ids, generate, sample_seed
+from spell_core.sampling.kv_cache import kv_bytes_per_token
+from spell_core.sampling.sampler import Completion, default_stop_token_ids, generate, sample_seed
 from tests.core.tiny_models import ours_from_hf, perturbed_hf_model
 
 LOGPROB_TOL = 1e-5  # fp32, max abs difference (the issue's bound)
@@ -252,9 +252,9 @@ def test_first_token_frequencies_match_the_models_distribution():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from spell_core.assets import resolve_corpus, resolve_model
-    from spell_core.data import load_documents
-    from spell_core.model import load_pretrained
+    from spell_core.models.assets import resolve_corpus, resolve_model
+    from spell_core.data.documents import load_documents
+    from spell_core.models.model import load_pretrained
 
     model, tokenizer = load_pretrained(resolve_model("smollm2-135m-instruct"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m-instruct"), dtype=torch.float32).eval()
@@ -322,9 +322,9 @@ def test_stop_strings_split_across_tokens_cut_the_text(smollm2):
 def test_the_cuda_graph_steps_padded_batch_equals_the_eager_step(kernels, monkeypatch):
     """decode_graph.py's static-buffer step (padding rows, unused groups, fixed maxima), run
     without capture: the CUDA graph itself needs a GPU."""
-    from spell_core.decode_graph import CudaGraphDecoder
-    from spell_core.kv_cache import KVCache, WaveLayout
-    from spell_core.sampler import _decode_step, _decode_tables, _Sample
+    from spell_core.sampling.decode_graph import CudaGraphDecoder
+    from spell_core.sampling.kv_cache import KVCache, WaveLayout
+    from spell_core.sampling.sampler import _decode_step, _decode_tables, _Sample
 
     monkeypatch.setenv("SPELL_KERNELS", kernels)
     _, ours = tiny_pair("qwen3")

@@ -1,4 +1,4 @@
-"""Token selection (spell_core.sampling) against hand-built distributions and transformers'
+"""Token selection (spell_core.sampling.token_selection) against hand-built distributions and transformers'
 logits warpers: which tokens top-k / top-p keep, greedy, the log-probs reported, seeded
 draws, and a chi-square test of the empirical frequencies."""
 import hashlib
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from spell_core.sampling import check_sampling_params, draw_uniforms, make_generators, sample_seed, \
+from spell_core.sampling.token_selection import check_sampling_params, draw_uniforms, make_generators, sample_seed, \
     select_tokens, temperature_scale, token_logprobs, truncation_mask
 
 # chi-square critical values at significance 0.001 (tables of the chi-square distribution)

@@ -1,12 +1,12 @@
-"""Role-specific dynamic sampling (spell_core.selection) on hand-built records: each rule of
+"""Role-specific dynamic sampling (spell_core.selfplay.selection) on hand-built records: each rule of
 SPEC.md's "What trains" with its boundary cases."""
 import random
 
 import pytest
 
 from spell_core.roles import Status
-from spell_core.rollout import Question, ResponderGroup, Sample, VerifierGroup
-from spell_core.selection import (is_negative, kept_responder_groups, select_questions, select_verifier_groups,
+from spell_core.selfplay.rollout import Question, ResponderGroup, Sample, VerifierGroup
+from spell_core.selfplay.selection import (is_negative, kept_responder_groups, select_questions, select_verifier_groups,
                                   verifier_candidates)
 
 SAMPLE = Sample([1], [-0.1], "x")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from spell_core.data import CorpusError, Document, build_clusters, load_documents
-from spell_core.task_types import DEFAULT_RULES, TaskRules, parse_types
+from spell_core.data.documents import CorpusError, Document, build_clusters, load_documents
+from spell_core.data.task_types import DEFAULT_RULES, TaskRules, parse_types
 
 ALL = ("doc_qa", "doc_math", "doc_mc")
 

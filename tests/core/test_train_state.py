@@ -15,11 +15,11 @@ import pytest
 import torch
 import transformers
 
-from spell_core import train_state
-from spell_core.batch import Trajectory
-from spell_core.checkpoint import CheckpointError
-from spell_core.model import CausalLM, ModelConfig
-from spell_core.trainer import Trainer, TrainerOptions
+from spell_core.training import train_state
+from spell_core.selfplay.batch import Trajectory
+from spell_core.models.checkpoint import CheckpointError
+from spell_core.models.model import CausalLM, ModelConfig
+from spell_core.training.trainer import Trainer, TrainerOptions
 
 VOCAB = 53
 RAW_CONFIG = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=VOCAB, hidden_size=32,
@@ -168,8 +168,9 @@ def test_clear_errors(tmp_path):
 # tiny_model() itself, without importing this module (transformers' import costs seconds).
 _CHILD = textwrap.dedent("""
     import json, sys, time, torch
-    from spell_core import durable, train_state
-    from spell_core.model import CausalLM, ModelConfig
+    from spell_core.common import durable
+    from spell_core.training import train_state
+    from spell_core.models.model import CausalLM, ModelConfig
     out, point, raw = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     torch.manual_seed(0)
     model = CausalLM(ModelConfig.from_hf(raw))

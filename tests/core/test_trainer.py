@@ -9,9 +9,9 @@ import pytest
 import torch
 import transformers
 
-from spell_core.batch import Trajectory
-from spell_core.model import CausalLM
-from spell_core.trainer import Trainer, TrainerOptions, TrainingOutOfMemoryError, plan_micro_batches
+from spell_core.selfplay.batch import Trajectory
+from spell_core.models.model import CausalLM
+from spell_core.training.trainer import Trainer, TrainerOptions, TrainingOutOfMemoryError, plan_micro_batches
 from tests.core.tiny_models import ours_from_hf, perturbed_hf_model
 
 VOCAB = 61

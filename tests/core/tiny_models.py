@@ -5,7 +5,7 @@ import json
 import torch
 import transformers
 
-from spell_core.model import CausalLM, ModelConfig
+from spell_core.models.model import CausalLM, ModelConfig
 
 
 def perturbed_hf_model(config: transformers.PretrainedConfig, seed: int = 0, **from_config_kwargs):

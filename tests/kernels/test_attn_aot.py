@@ -4,40 +4,11 @@ import pytest
 import torch
 
 from spell_kernels import flash_attn as fa
-from tests.kernels.aot import HOPPER_SHARED_LIMIT, compile_for_hopper
+from tests.kernels.aot import HOPPER_SHARED_LIMIT, compile_for_hopper, kernel_signature, runtime_aligned
 
 HEAD_DIMS = (64, 80, 96, 128)
 MAX_SPILL_BYTES = 32
 _CUDA = torch.device("cuda")  # only selects the GPU table; nothing runs on a GPU
-_FP32_POINTERS = {"Lse", "Delta"}
-_INT_POINTERS = {"cu_q", "cu_k", "Parent", "child_ptr", "child_seg"}
-_FLOAT_SCALARS = {"qk_scale", "sm_scale"}
-_INT_SCALARS_PREFIXES = ("stride_", "n_heads", "total_", "n_blocks")
-
-
-def _aligned(kernel, constexprs):
-    """What the launcher specialises at real shapes: 16-byte aligned pointers, strides that are
-    multiples of 16 elements (head_dim 64/80/96/128; not the lse row stride = total tokens)."""
-    return [n for n in getattr(fa, kernel).arg_names if n not in constexprs and n not in _FLOAT_SCALARS
-            and not n.startswith(("n_heads", "total_", "n_blocks")) and n != "stride_lh"]
-
-
-def _signature(kernel, data_type, constexprs):
-    signature = {}
-    for name in getattr(fa, kernel).arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in _FLOAT_SCALARS:
-            signature[name] = "fp32"
-        elif name.startswith(_INT_SCALARS_PREFIXES):
-            signature[name] = "i32"
-        elif name in _FP32_POINTERS:
-            signature[name] = "*fp32"
-        elif name in _INT_POINTERS:
-            signature[name] = "*i32"
-        else:
-            signature[name] = "*" + data_type
-    return signature
 
 
 def _specs(data_type, head_dim, causal, has_parent):
@@ -49,14 +20,15 @@ def _specs(data_type, head_dim, causal, has_parent):
         cfg = fa._config(kind, head_dim, _CUDA, dtype)
         constexprs = dict(common, BLOCK_M=cfg.pop("BLOCK_M"), BLOCK_N=cfg.pop("BLOCK_N"), USE_TMA=False,
                           ATOMIC_DQ=False)
-        constexprs = {k: v for k, v in constexprs.items() if k in getattr(fa, kernel).arg_names}
+        fn = getattr(fa, kernel)
+        constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
         specs.append(dict(module="spell_kernels.flash_attn", kernel=kernel,
-                          signature=_signature(kernel, data_type, constexprs), constexprs=constexprs,
-                          divisible_by_16=_aligned(kernel, constexprs), **cfg))
+                          signature=kernel_signature(fn, data_type, constexprs), constexprs=constexprs,
+                          divisible_by_16=runtime_aligned(fn, constexprs), **cfg))
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=fa._block_d(head_dim), BLOCK=fa.PREPROCESS_BLOCK)
     specs.append(dict(module="spell_kernels.flash_attn", kernel="_bwd_preprocess",
-                      signature=_signature("_bwd_preprocess", data_type, constexprs), constexprs=constexprs,
-                      divisible_by_16=_aligned("_bwd_preprocess", constexprs), num_warps=4, num_stages=1))
+                      signature=kernel_signature(fa._bwd_preprocess, data_type, constexprs), constexprs=constexprs,
+                      divisible_by_16=runtime_aligned(fa._bwd_preprocess, constexprs), num_warps=4, num_stages=1))
     return specs
 
 

@@ -3,20 +3,18 @@
 One spawn per world size runs every case; the oracle is spell_kernels/reference.py in float64 on
 the whole (unsharded) batch, and the baseline error is that of the same reference in the
 case's dtype. Shards are cut and reassembled with positions built here by hand, so the
-comparison does not rely on the sharding helpers under test.
+comparison does not rely on the sharding helpers under test (tests/kernels/gloo_ranks.py).
 """
-import datetime
 import os
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from spell_kernels import reference, ring_attn
 from spell_kernels.ring_attn import (ring_flash_attn_varlen_func, zigzag_cu_seqlens, zigzag_pad, zigzag_shard,
                                      zigzag_unpad, zigzag_unshard)
+from tests.kernels.gloo_ranks import padded_lengths, run_on_gloo_ranks, shard_positions
 
 # lengths before padding to a multiple of 2 x world_size; GQA as (query heads, KV heads)
 CASES = {
@@ -41,22 +39,6 @@ def error_floor(dtype):
     return 1e-12 if dtype == torch.float64 else 1e-7  # float64: the reference itself has no error
 
 
-def padded_lengths(lengths, world_size):
-    multiple = 2 * world_size
-    return [-(-n // multiple) * multiple for n in lengths]
-
-
-def shard_positions(lengths, rank, world_size):
-    """Global packed positions of rank's zigzag shard, chunk by chunk, in plain Python."""
-    positions, start = [], 0
-    for n in lengths:
-        c = n // (2 * world_size)
-        for chunk in (rank, 2 * world_size - 1 - rank):
-            positions += range(start + chunk * c, start + (chunk + 1) * c)
-        start += n
-    return positions
-
-
 def cu_from_lengths(lengths):
     return torch.tensor([0] + [sum(lengths[:i + 1]) for i in range(len(lengths))], dtype=torch.int32)
 
@@ -70,45 +52,37 @@ def make_inputs(case, world_size, seed):
     return dict(lengths=lengths, q=q, k=k, v=v, dout=dout)
 
 
-def _ring_worker(rank, world_size, store_path, inputs_path, results_dir):
-    """One rank: run every case through ring attention and save this rank's shards."""
-    if sys.platform == "linux":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
+def _ring_rank(rank, world_size, inputs_path):
+    """One rank: every case through ring attention; this rank's shards."""
+    results = {}
+    for name, data in torch.load(inputs_path).items():
+        case = CASES[name]
+        lengths, dtype = data["lengths"], case["dtype"]
+        local = torch.tensor(shard_positions(lengths, rank, world_size), dtype=torch.long)
+        cu_local = cu_from_lengths([n // world_size for n in lengths])
+        max_local = max(n // world_size for n in lengths)
+        q, k, v = (data[x][local].to(dtype).requires_grad_(True) for x in ("q", "k", "v"))
+        os.environ["SPELL_KERNELS"] = case.get("kernels", "auto")  # TRITON_INTERPRET=1 comes from conftest
+        out = ring_flash_attn_varlen_func(q, k, v, cu_local, max_local, softmax_scale=case.get("softmax_scale"),
+                                          causal=case["causal"])
+        out.backward(data["dout"][local].to(dtype))
+        results[name] = dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
+
+    # helpers: shard, local cu_seqlens, unshard (all_gather) of a packed batch
+    data = torch.load(inputs_path)["causal_varlen_gqa_4_2"]
+    cu_global = cu_from_lengths(data["lengths"])
+    shard = zigzag_shard(data["q"], cu_global, rank, world_size)
+    results["helpers"] = dict(shard=shard, cu_local=zigzag_cu_seqlens(cu_global, world_size),
+                              unshard=zigzag_unshard(shard, cu_global))
+
+    # bad input is refused on every rank before any communication
+    q = torch.zeros(6, 2, 8)
     try:
-        results = {}
-        for name, data in torch.load(inputs_path).items():
-            case = CASES[name]
-            lengths, dtype = data["lengths"], case["dtype"]
-            local = torch.tensor(shard_positions(lengths, rank, world_size), dtype=torch.long)
-            cu_local = cu_from_lengths([n // world_size for n in lengths])
-            max_local = max(n // world_size for n in lengths)
-            q, k, v = (data[x][local].to(dtype).requires_grad_(True) for x in ("q", "k", "v"))
-            os.environ["SPELL_KERNELS"] = case.get("kernels", "auto")  # TRITON_INTERPRET=1 comes from conftest
-            out = ring_flash_attn_varlen_func(q, k, v, cu_local, max_local, softmax_scale=case.get("softmax_scale"),
-                                              causal=case["causal"])
-            out.backward(data["dout"][local].to(dtype))
-            results[name] = dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
-
-        # helpers: shard, local cu_seqlens, unshard (all_gather) of a packed batch
-        data = torch.load(inputs_path)["causal_varlen_gqa_4_2"]
-        cu_global = cu_from_lengths(data["lengths"])
-        shard = zigzag_shard(data["q"], cu_global, rank, world_size)
-        results["helpers"] = dict(shard=shard, cu_local=zigzag_cu_seqlens(cu_global, world_size),
-                                  unshard=zigzag_unshard(shard, cu_global))
-
-        # bad input is refused on every rank before any communication
-        q = torch.zeros(6, 2, 8)
-        try:
-            ring_flash_attn_varlen_func(q, q, q, torch.tensor([0, 3, 6], dtype=torch.int32), 3)
-            results["odd_length_error"] = ""
-        except ValueError as err:
-            results["odd_length_error"] = str(err)
-        torch.save(results, os.path.join(results_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        ring_flash_attn_varlen_func(q, q, q, torch.tensor([0, 3, 6], dtype=torch.int32), 3)
+        results["odd_length_error"] = ""
+    except ValueError as err:
+        results["odd_length_error"] = str(err)
+    return results
 
 
 def max_error(x, ref):
@@ -125,10 +99,6 @@ def oracle(data, case, dtype):
     return dict(out=out, dq=dq, dk=dk, dv=dv)
 
 
-# fork: the ranks inherit the imported modules (a spawned rank spends seconds importing torch)
-START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-
-
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_ring_attention_matches_single_process(world_size, tmp_path):
     cases = {name: case for name, case in CASES.items() if world_size in case.get("world_sizes", (world_size,))}
@@ -137,9 +107,7 @@ def test_ring_attention_matches_single_process(world_size, tmp_path):
                for name, case in cases.items()}
     inputs_path = str(tmp_path / "inputs.pt")
     torch.save(inputs, inputs_path)
-    mp.start_processes(_ring_worker, args=(world_size, str(tmp_path / "store"), inputs_path, str(tmp_path)),
-                       nprocs=world_size, start_method=START_METHOD)
-    shards = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+    shards = run_on_gloo_ranks(_ring_rank, world_size, tmp_path, inputs_path)
 
     failures = []
     for name, case in cases.items():

@@ -6,18 +6,12 @@ gradients by autograd. Every segment is padded at its end with random values (th
 ignore them: a prompt's pads are visible to nothing) and cut zigzag with positions built by
 hand, so the test does not rely on the sharding helpers.
 """
-import datetime
-import os
-import sys
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from spell_kernels.ring_shared_prefix import RingSharedPrefixPlan, ring_shared_prefix_attn_func
 from spell_kernels.shared_prefix import SharedPrefixLayout
-from tests.kernels.test_ring_attn import START_METHOD, padded_lengths, shard_positions
+from tests.kernels.gloo_ranks import padded_lengths, run_on_gloo_ranks, shard_positions
 
 # (prompt, [responses]) or a plain sequence's length. The 3-token prompt leaves rank 3 of 4
 # with pad rows only (an empty prefix block); the 2-token response is shorter than 2R.
@@ -69,31 +63,21 @@ def make_inputs(world_size, seed=0):
     return dict(lengths=lengths, parent=parent, q=q, k=k, v=v, dout=dout)
 
 
-def _worker(rank, world_size, store_path, inputs_path, results_dir):
-    if sys.platform == "linux":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        data = torch.load(inputs_path)
-        local = shard_positions(padded_lengths(data["lengths"], world_size), rank, world_size)
-        plan = RingSharedPrefixPlan.build(data["lengths"], data["parent"], rank, world_size)
-        q, k, v = (data[x][local].requires_grad_(True) for x in ("q", "k", "v"))
-        out = ring_shared_prefix_attn_func(q, k, v, plan)
-        out.backward(data["dout"][local])
-        torch.save(dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad), os.path.join(results_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _rank(rank, world_size, inputs_path):
+    data = torch.load(inputs_path)
+    local = shard_positions(padded_lengths(data["lengths"], world_size), rank, world_size)
+    plan = RingSharedPrefixPlan.build(data["lengths"], data["parent"], rank, world_size)
+    q, k, v = (data[x][local].requires_grad_(True) for x in ("q", "k", "v"))
+    out = ring_shared_prefix_attn_func(q, k, v, plan)
+    out.backward(data["dout"][local])
+    return dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_ring_shared_prefix_matches_single_process_fp64(world_size, tmp_path):
     data = make_inputs(world_size)
     torch.save(data, tmp_path / "inputs.pt")
-    mp.start_processes(_worker, args=(world_size, str(tmp_path / "store"), str(tmp_path / "inputs.pt"), str(tmp_path)),
-                       nprocs=world_size, start_method=START_METHOD)
-    shards = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+    shards = run_on_gloo_ranks(_rank, world_size, tmp_path, str(tmp_path / "inputs.pt"))
     padded = padded_lengths(data["lengths"], world_size)
     whole = {key: torch.zeros_like(data["q" if key in ("out", "dq") else "k"]) for key in ("out", "dq", "dk", "dv")}
     for r in range(world_size):

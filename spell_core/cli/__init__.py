@@ -1,0 +1,1 @@
+"""What the command line drives a run with: monitor, reporters, run folder, preflight, validation."""

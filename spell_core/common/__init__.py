@@ -1,0 +1,1 @@
+"""Helpers every layer may use: durable writes, text files, CPU threads, finiteness guards, progress bars."""

@@ -1,0 +1,1 @@
+"""Documents, corpus tables, clusters and the task types each corpus allows."""

@@ -1,0 +1,1 @@
+"""torchrun process groups, FSDP2 sharded training and context parallel attention."""

@@ -1,0 +1,1 @@
+"""Benchmarks and their prompts, the judge, truncation of long prompts, and run comparison."""

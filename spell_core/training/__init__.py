@@ -1,0 +1,1 @@
+"""The trainer (policy loss over trajectories) and the train state saved in checkpoints."""
