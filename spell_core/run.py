@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from spell_core import arg_types
 from spell_core.assets import AssetError
 from spell_core.config import DataOptions, LoopOptions, ModelOptions, RunConfig, SamplingOptions, parse_ctx
 from spell_core.cpu_threads import idle_core_threads
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="context parallel size: ranks sharing each training sequence (zigzag ring attention); "
                              "launch with torchrun --nproc-per-node N, N a multiple of it; the other factor is data "
                              "parallel (default: 1)")
-    parser.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+    parser.add_argument("--dist-timeout", type=arg_types.SECONDS, default=600.0, metavar="SECONDS",
                         help="under torchrun: collective timeout, and how long a rank may hang before the others "
                              "exit naming it (a dead rank is noticed within min(60, this)) (default: 600)")
     # validation during training (spell_core/validation.py)
@@ -151,9 +152,9 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-admission", choices=("released", "paper"), default="released",
                         help="which questions enter the history memory by mean responder reward r: released "
                              "(the method's code: 0.01 <= r <= 1) or paper (0 < r < 1) (default: released)")
-    parser.add_argument("--clip-low", type=float, default=0.2, help="PPO ratio clip below 1 (default: 0.2)")
-    parser.add_argument("--clip-high", type=float, default=0.2, help="PPO ratio clip above 1 (default: 0.2)")
-    parser.add_argument("--dual-clip", type=float, default=3.0,
+    parser.add_argument("--clip-low", type=arg_types.CLIP_LOW, default=0.2, help="PPO ratio clip below 1 (default: 0.2)")
+    parser.add_argument("--clip-high", type=arg_types.CLIP_HIGH, default=0.2, help="PPO ratio clip above 1 (default: 0.2)")
+    parser.add_argument("--dual-clip", type=arg_types.dual_clip, default=3.0,
                         help="dual clip c > 1: the loss of a negative-advantage token is at most -A c; 0: off "
                              "(default: 3)")
     parser.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
@@ -236,8 +237,6 @@ def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse
         args.task_rules = TaskRules.parse(args.tasks)
     except ValueError as err:
         parser.error(str(err))
-    if args.dual_clip and args.dual_clip <= 1:
-        parser.error(f"--dual-clip must be > 1 (or 0: off), got {args.dual_clip}")
     device = _resolve_device(args.device)
     if args.enable_thinking and args.max_new_tokens is None and device.startswith("cuda"):
         args.max_new_tokens = THINKING_MAX_NEW_TOKENS
@@ -296,9 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spell: no GPU: reduced CPU defaults for {', '.join(args.reduced)} so that a step finishes in "
               f"minutes; the GPU defaults (SPEC.md's scale) are {spec}")
     try:
+        from spell_core.input_checks import check_run_inputs, run_documents
         from spell_core.validation import Validation
 
+        check_run_inputs(config, args)  # --out apart from the inputs, --resume has a checkpoint
         args.validation = Validation.from_args(args, config)  # None without --eval-data; a bad file stops here
+        args.documents = run_documents(config)  # corpus, fields and --tasks rules, before the model loads
         with _own_run_folder(config, args, train_options):
             return _run(config, args, train_options, budget)
     except (AssetError, CorpusError, ValueError) as err:  # bad model, corpus, checkpoint or option: no traceback
@@ -378,7 +380,7 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
     if str(config.model.device).startswith("cuda"):  # stop now, not with an out-of-memory error minutes later
         from spell_core.plan import check_run_fits
         check_run_fits(config, args, topology)
-    model, tokenizer, clusters = _load_model_and_documents(config, budget)
+    model, tokenizer, clusters = _load_model_and_documents(config, budget, getattr(args, "documents", None))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**config.to_dict(), "trainer": asdict(train_options)},
@@ -563,13 +565,12 @@ class _StopFlag:
         return scope()
 
 
-def _load_model_and_documents(config: RunConfig, budget: int):
+def _load_model_and_documents(config: RunConfig, budget: int, documents=None):
     from spell_core.assets import resolve_model
-    from spell_core.corpus_tables import load_corpus
     from spell_core.data import build_clusters
+    from spell_core.input_checks import run_documents
     from spell_core.model import load_pretrained
     from spell_core.rope import with_rope_scaling
-    from spell_core.task_types import TaskRules
 
     device = config.model.device
     start = time.perf_counter()
@@ -596,9 +597,8 @@ def _load_model_and_documents(config: RunConfig, budget: int):
 
     start = time.perf_counter()
     corpus_path = config.data.corpus if isinstance(config.data.corpus, str) else ", ".join(config.data.corpus)
-    documents = load_corpus(config.data.corpus, text_field=config.data.text_field,
-                            cluster_field=config.data.cluster_field)
-    TaskRules.parse(config.data.tasks).apply(documents)
+    if documents is None:
+        documents = run_documents(config)
     clusters = build_clusters(documents, tokenizer, budget)
     sizes = [cluster.n_tokens for cluster in clusters]
     n_works = len({doc.group for doc in documents})
