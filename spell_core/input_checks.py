@@ -56,7 +56,14 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_run_inputs(config, args) -> None:
-    """`run`: --out apart from every input, and --resume with a checkpoint to resume from."""
+    """`run`: a missing --model named first, --out apart from every input, and --resume with a
+    checkpoint to resume from."""
+    import os
+
+    from spell_core.assets import resolve_model
+
+    if os.environ.get("RANK", "0") == "0":  # as the run folder's claim: rank 0 of a torchrun job fetches it
+        resolve_model(config.model.name)
     out = Path(config.out).expanduser()
     corpora = config.data.corpus if isinstance(config.data.corpus, list) else [config.data.corpus]
     inputs = [("--model", config.model.name), *(("--corpus", c) for c in corpora),
@@ -96,6 +103,10 @@ def check_resume(out: Path, resume: str | None) -> None:
         return
     if resume == "latest":
         if train_state.find_latest(out) is None:
+            holder = _lock_holder(out)
+            if holder is not None:  # a run still working towards its first checkpoint: say that instead
+                raise RunFolderError(f"{out} is in use by another run (pid {holder}); wait for it to end, stop it, "
+                                     "or pick another --out")
             started = out.is_dir() and holds_a_run(out)
             fresh = "--overwrite instead of --resume" if started else "without --resume"
             raise RunFolderError(f"--resume: no complete checkpoint in {out}; start it again ({fresh}), or pass a "
@@ -107,6 +118,26 @@ def check_resume(out: Path, resume: str | None) -> None:
         state = "does not exist" if not path.exists() else "is not a complete training checkpoint"
         raise RunFolderError(f"--resume {resume}: {path} {state}; pass a run's --out folder or one of its "
                              f"{train_state.CHECKPOINTS}/step-NNNNNN folders (with a {train_state.COMPLETE} marker)")
+
+
+def _lock_holder(out: Path) -> str | None:
+    """The pid in out/.spell-run.lock while another process holds it, else None (nothing written)."""
+    import fcntl
+    import os
+
+    from spell_core.run_folder import LOCK_FILE
+
+    try:
+        fd = os.open(Path(out) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)  # drops a shared lock taken here
 
 
 def run_documents(config) -> list:
