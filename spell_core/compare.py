@@ -160,7 +160,7 @@ def compare_main(path_a, path_b, plot_path="compare.png", *, overwrite: bool = F
         names = (Path(path_a).stem, Path(path_b).stem)
         result = compare(a, b, names=names)
         check_output_file(plot_path, [("--compare A.json", path_a), ("--compare B.json", path_b)],
-                          overwrite=overwrite, what="the plot")
+                          overwrite=overwrite, what="the plot", example="compare.png")
     except (CompareError, ValueError) as err:  # ValueError: an unusable --out (input_checks, run_folder)
         print(f"spell.eval: error: {err}", file=sys.stderr)
         return 1

@@ -26,12 +26,12 @@ class InputError(ValueError):
 
 
 def check_output_file(out, inputs: Iterable[tuple[str, object]], *, overwrite: bool, flag: str = "--out",
-                      what: str = "the results") -> Path:
+                      what: str = "the results", example: str = "results.json") -> Path:
     """`out` as a file the command may write: not a folder, its folder writable (created when
     missing), none of `inputs` ((option, path) pairs), and new unless `overwrite`."""
     out = Path(out).expanduser()
     if out.is_dir():
-        raise InputError(f"{flag} {out} is a folder: pass a file name for {what}, e.g. {out / 'results.json'}")
+        raise InputError(f"{flag} {out} is a folder: pass a file name for {what}, e.g. {out / example}")
     file_above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if file_above is not None:
         raise InputError(f"{flag} {out}: {file_above} is a file, so no folder can be made under it; pick another path")
