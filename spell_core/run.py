@@ -298,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         from spell_core.input_checks import check_run_inputs, run_documents
         from spell_core.validation import Validation
 
-        check_run_inputs(config, args)  # --out apart from the inputs, --resume has a checkpoint
         args.validation = Validation.from_args(args, config)  # None without --eval-data; a bad file stops here
+        check_run_inputs(config, args)  # the model exists, --out apart from the inputs, --resume has a checkpoint
         args.documents = run_documents(config)  # corpus, fields and --tasks rules, before the model loads
         with _own_run_folder(config, args, train_options):
             return _run(config, args, train_options, budget)
