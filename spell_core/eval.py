@@ -25,6 +25,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from spell_core.cli import arg_types
 from spell_core.models.assets import DEFAULT_MODEL
 from spell_core.evaluation.benchmarks import FORMATS, EvalDataError, EvalItem, load_eval_data
 from spell_core.evaluation.harness import evaluate, format_table, pass_at_k
@@ -47,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="model alias, local HF checkpoint folder (e.g. a run's checkpoint) or hub id "
                              f"(default: {DEFAULT_MODEL})")
-    parser.add_argument("--n", type=int, default=8, help="samples per question (default: 8)")
+    parser.add_argument("--n", type=arg_types.count(1), default=8, help="samples per question (default: 8)")
     parser.add_argument("--k", default="1,4,8", help="comma-separated k of pass@k, each <= n (default: 1,4,8)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: 0.7)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default: 0.95)")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
+    parser.add_argument("--temperature", type=arg_types.TEMPERATURE, default=0.7, help="sampling temperature (default: 0.7)")
+    parser.add_argument("--top-p", type=arg_types.TOP_P, default=0.95, help="nucleus sampling (default: 0.95)")
+    parser.add_argument("--max-new-tokens", type=arg_types.count(1), default=None,
                         help="longest answer in tokens (default: 4096; 20480 with --enable-thinking)")
     parser.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
                         help="pass enable_thinking to chat templates that read it (Qwen3; SPEC: on for thinking "
@@ -64,18 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--judge-model", default=None, metavar="PATH|ALIAS|HUB_ID",
                         help="external judge: score = max(rule reward, its verdict) for QA and math (the method's "
                              "protocol); multiple choice by letter only")
-    parser.add_argument("--judge-max-new-tokens", type=int, default=1024, help="judge reply length (default: 1024)")
+    parser.add_argument("--judge-max-new-tokens", type=arg_types.count(1), default=1024, help="judge reply length (default: 1024)")
     parser.add_argument("--verifier", action="store_true",
                         help="self-grading: score max(rule reward, the evaluated model's own verifier majority) "
                              "(inflates scores; the method's protocol is --judge-model)")
-    parser.add_argument("--verifier-samples", type=int, default=8, help="judgments per answer (default: 8)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--verifier-samples", type=arg_types.count(1), default=8, help="judgments per answer (default: 8)")
+    parser.add_argument("--device", type=arg_types.device, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    parser.add_argument("--kv-budget-tokens", type=int, default=None, help="sampler KV cache size in tokens")
+    parser.add_argument("--kv-budget-tokens", type=arg_types.count(1), default=None, help="sampler KV cache size in tokens")
     parser.add_argument("--out", default=None,
                         help="JSON results file (default: <data name>.eval.json here); with --compare the plot "
-                             "(default: compare.png)")
-    parser.add_argument("--threads", type=int, default=None,
+                             "(default: compare.png); never one of the inputs")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file (by default an earlier result is never replaced)")
+    parser.add_argument("--threads", type=arg_types.count(0), default=None,
                         help="CPU threads of torch; 0: torch's default (default: 1 on a CPU, where more threads on a "
                              "busy machine are several times slower; 0 on a GPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         from spell_core.evaluation.compare import compare_main
 
-        return compare_main(args.compare[0], args.compare[1], args.out or "compare.png")
+        return compare_main(args.compare[0], args.compare[1], args.out or "compare.png", overwrite=args.overwrite)
     if not args.data:
         parser.error("--data FILE is required (or --compare A.json B.json)")
     try:
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = parse_budget(args.ctx) if args.ctx is not None else None
         items = load_eval_data(args.data, args.format)
         args.out = str(_results_path(args))  # checked before the model loads and the evaluation runs
+        _resolve_models(args)
         return _run(args, items, ks, budget)
     except (EvalDataError, ValueError, AssetError) as err:
         print(f"spell.eval: error: {err}", file=sys.stderr)
@@ -173,17 +177,22 @@ def _evaluate_and_report(args, items: list[EvalItem], ks: list[int], budget: int
 
 
 def _results_path(args) -> Path:
-    """--out (default <data name>.eval.json here), proven writable: not a folder, its folder writable."""
-    from spell_core.cli.run_folder import check_writable_folder
+    """--out (default <data name>.eval.json here): not the data file, not an earlier result (unless
+    --overwrite), not a folder, its folder writable (spell_core/common/output_files.py)."""
+    from spell_core.common.output_files import check_output_file
 
     out = Path(args.out) if args.out else Path(f"{Path(args.data).stem}.eval.json")
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder: pass a file name for the results, e.g. {out / 'results.json'}")
-    file_above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if file_above is not None:
-        raise ValueError(f"--out {out}: {file_above} is a file, so no folder can be made under it; pick another path")
-    check_writable_folder(out.parent if str(out.parent) else Path("."), flag=f"--out {out}: folder")
-    return out
+    return check_output_file(out, [("--data", args.data)], overwrite=args.overwrite)
+
+
+def _resolve_models(args) -> None:
+    """A missing --model or --judge-model is named now, not after the other one has loaded."""
+    from spell_core.evaluation.judge import resolve_judge_model
+    from spell_core.models.assets import resolve_model
+
+    resolve_model(args.model)
+    if args.judge_model:
+        resolve_judge_model(args.judge_model)
 
 
 def _write_results(out: Path, text: str) -> Path:

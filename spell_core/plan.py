@@ -33,7 +33,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spell_core.selfplay.config import parse_ctx
 
 __all__ = ["MemoryPlan", "plan_memory", "read_model_config", "parse_bytes", "main"]
 
@@ -350,20 +349,33 @@ def read_model_config(model: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from spell_core.cli.arg_types import context_length, count
+
     p = argparse.ArgumentParser(prog="python -m spell_core.plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="folder with config.json, a config.json, an alias or a hub id")
-    p.add_argument("--ctx", required=True, type=parse_ctx, help="context length: 16k, 128k, 131072")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs in the job (default 1)")
-    p.add_argument("--cp", type=int, default=1, help="context parallel size (default 1)")
-    p.add_argument("--gpu-memory", type=parse_bytes, default=parse_bytes("80GB"), help="per GPU (default 80GB)")
-    p.add_argument("--micro-batch-tokens", type=int, default=None,
+    p.add_argument("--ctx", required=True, type=context_length, help="context length: 16k, 128k, 131072")
+    p.add_argument("--gpus", type=count(1), default=1, help="GPUs in the job (default 1)")
+    p.add_argument("--cp", type=count(1), default=1, help="context parallel size (default 1)")
+    p.add_argument("--gpu-memory", type=memory_size, default="80GB", help="per GPU (default 80GB)")
+    p.add_argument("--micro-batch-tokens", type=count(1), default=None,
                    help="tokens per GPU per forward/backward (default: the run's 32768, or one trajectory's share)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--group-size", type=int, default=8, help="G samples per prompt (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=4096, help="(default 4096)")
+    p.add_argument("--group-size", type=count(1), default=8, help="G samples per prompt (default 8)")
+    p.add_argument("--max-new-tokens", type=count(1), default=4096, help="(default 4096)")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None, help="default: config.json's, else bfloat16")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
+
+
+def memory_size(text: str) -> int:
+    """80GB, 141GiB, ... (parse_bytes), more than zero."""
+    try:
+        value = parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"memory size {text!r} must be more than zero, e.g. 80GB")
+    return value
 
 
 def main(argv=None) -> int:

@@ -35,9 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spell: no GPU: reduced CPU defaults for {', '.join(args.reduced)} so that a step finishes in "
               f"minutes; the GPU defaults (SPEC.md's scale) are {spec}")
     try:
+        from spell_core.cli.input_checks import check_run_inputs, run_documents
         from spell_core.cli.validation import Validation
 
         args.validation = Validation.from_args(args, config)  # None without --eval-data; a bad file stops here
+        check_run_inputs(config, args)  # the model exists, --out apart from the inputs, --resume has a checkpoint
+        args.documents = run_documents(config)  # corpus, fields and --tasks rules, before the model loads
         with _own_run_folder(config, args, train_options):
             return _run(config, args, train_options, budget)
     except (AssetError, CorpusError, ValueError) as err:  # bad model, corpus, checkpoint or option: no traceback
@@ -112,7 +115,7 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
     if str(config.model.device).startswith("cuda"):  # stop now, not with an out-of-memory error minutes later
         from spell_core.plan import check_run_fits
         check_run_fits(config, args, topology)
-    model, tokenizer, clusters = load_model_and_documents(config, budget)
+    model, tokenizer, clusters = load_model_and_documents(config, budget, getattr(args, "documents", None))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**config.to_dict(), "trainer": asdict(train_options)},

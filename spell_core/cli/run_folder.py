@@ -20,41 +20,15 @@ import fcntl
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
+
+from spell_core.common.output_files import RunFolderError, check_writable_folder  # noqa: F401 (re-exported)
 
 LOCK_FILE = ".spell-run.lock"
 CONFIG_FILE = "config.json"
 FREE_TO_CHANGE = ("steps", "out", "save_every")  # config keys a resumed run may change without notice
 MUST_MATCH = {"model.name": "model", "data.corpus": "corpus"}
-
-
-class RunFolderError(ValueError):
-    """--out cannot be used for this run; the message says what to do."""
-
-
-def check_writable_folder(out: Path, flag: str = "--out") -> Path:
-    """Create `out` if needed and prove a file can be written in it; RunFolderError otherwise."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"{flag} {out} is a file, not a folder: pass a folder for the run (it is created "
-                             "when missing)")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise RunFolderError(f"{flag} {out}: {parent} is a file, so no folder can be made under it; "
-                                     "pick another path")
-            break
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".spell-write-test-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise RunFolderError(f"{flag} {out} is not writable ({err.strerror or err}): pick a folder you can "
-                             "write to") from None
-    return out
 
 
 def check_free_space(out: Path, needed: int, what: str = "a checkpoint", flag: str = "--out") -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from spell_core.cli import arg_types
 from spell_core.common.cpu_threads import idle_core_threads
 from spell_core.selfplay.config import DataOptions, LoopOptions, ModelOptions, RunConfig, SamplingOptions, parse_ctx
 
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="context parallel size: ranks sharing each training sequence (zigzag ring attention); "
                              "launch with torchrun --nproc-per-node N, N a multiple of it; the other factor is data "
                              "parallel (default: 1)")
-    parser.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+    parser.add_argument("--dist-timeout", type=arg_types.SECONDS, default=600.0, metavar="SECONDS",
                         help="under torchrun: collective timeout, and how long a rank may hang before the others "
                              "exit naming it (a dead rank is noticed within min(60, this)) (default: 600)")
     # validation during training (spell_core/cli/validation.py)
@@ -134,9 +135,9 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-admission", choices=("released", "paper"), default="released",
                         help="which questions enter the history memory by mean responder reward r: released "
                              "(the method's code: 0.01 <= r <= 1) or paper (0 < r < 1) (default: released)")
-    parser.add_argument("--clip-low", type=float, default=0.2, help="PPO ratio clip below 1 (default: 0.2)")
-    parser.add_argument("--clip-high", type=float, default=0.2, help="PPO ratio clip above 1 (default: 0.2)")
-    parser.add_argument("--dual-clip", type=float, default=3.0,
+    parser.add_argument("--clip-low", type=arg_types.CLIP_LOW, default=0.2, help="PPO ratio clip below 1 (default: 0.2)")
+    parser.add_argument("--clip-high", type=arg_types.CLIP_HIGH, default=0.2, help="PPO ratio clip above 1 (default: 0.2)")
+    parser.add_argument("--dual-clip", type=arg_types.dual_clip, default=3.0,
                         help="dual clip c > 1: the loss of a negative-advantage token is at most -A c; 0: off "
                              "(default: 3)")
     parser.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
@@ -219,8 +220,6 @@ def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse
         args.task_rules = TaskRules.parse(args.tasks)
     except ValueError as err:
         parser.error(str(err))
-    if args.dual_clip and args.dual_clip <= 1:
-        parser.error(f"--dual-clip must be > 1 (or 0: off), got {args.dual_clip}")
     device = _resolve_device(args.device)
     if args.enable_thinking and args.max_new_tokens is None and device.startswith("cuda"):
         args.max_new_tokens = THINKING_MAX_NEW_TOKENS

@@ -18,13 +18,12 @@ def gpu_kv_budget(model) -> int:
     return max(1, int(free * 0.5) // kv_bytes_per_token(model.config, weight.dtype))
 
 
-def load_model_and_documents(config: RunConfig, budget: int):
+def load_model_and_documents(config: RunConfig, budget: int, documents=None):
+    from spell_core.cli.input_checks import run_documents
     from spell_core.models.assets import resolve_model
-    from spell_core.data.corpus_tables import load_corpus
     from spell_core.data.documents import build_clusters
     from spell_core.models.model import load_pretrained
     from spell_core.models.rope import with_rope_scaling
-    from spell_core.data.task_types import TaskRules
 
     device = config.model.device
     start = time.perf_counter()
@@ -51,9 +50,8 @@ def load_model_and_documents(config: RunConfig, budget: int):
 
     start = time.perf_counter()
     corpus_path = config.data.corpus if isinstance(config.data.corpus, str) else ", ".join(config.data.corpus)
-    documents = load_corpus(config.data.corpus, text_field=config.data.text_field,
-                            cluster_field=config.data.cluster_field)
-    TaskRules.parse(config.data.tasks).apply(documents)
+    if documents is None:
+        documents = run_documents(config)
     clusters = build_clusters(documents, tokenizer, budget)
     sizes = [cluster.n_tokens for cluster in clusters]
     n_works = len({doc.group for doc in documents})

@@ -10,7 +10,8 @@ whole: texts are copied to an unlinked temporary file and read back when a promp
 
 A table row is one document: its `text_field` column; documents sharing a `cluster_field`
 value are related (without that column, those of one file are); a `data_source` column, if
-any, names the dataset of each row. SPELL's released training files have another layout,
+any, names the dataset of each row (without it, the file's path without suffix does, as for
+`--tasks PREFIX=TYPES`). SPELL's released training files have another layout,
 recognised by their columns `question_id, paragraphs, data_source`: one row is a cluster of
 related documents (the strings of `paragraphs`), and its `data_source` (`docmath…`,
 `ultrafineweb…`) is carried by the documents and their clusters (`Cluster.source`).
@@ -189,6 +190,7 @@ def _row_documents(file: str, columns: list[str], rows, spool: TextSpool, text_f
         raise CorpusError(f"{file}: no column {text_field!r} (columns: {', '.join(columns)}); name the text "
                           "column with --text-field, or use SPELL's layout (question_id, paragraphs, data_source)")
     stem, documents = Path(file).stem, []
+    file_source = str(Path(file).with_suffix(""))  # the source name of rows without data_source (--tasks PREFIX=)
     for number, row in rows:
         where = f"{file}:{number}"
         if release:
@@ -199,10 +201,12 @@ def _row_documents(file: str, columns: list[str], rows, spool: TextSpool, text_f
             raise CorpusError(f"{where}: {text_field!r} must be a non-empty string, got {_short(text)}")
         if cluster is not None and (not isinstance(cluster, (str, int)) or isinstance(cluster, bool)):
             raise CorpusError(f"{where}: {cluster_field!r} must be a string or an integer, got {_short(cluster)}")
+        if data_source is not None and not isinstance(data_source, str):
+            raise CorpusError(f"{where}: 'data_source' must be a string, got {_short(data_source)}")
         doc_id = row.get("id")
         doc_id = str(doc_id) if isinstance(doc_id, (str, int)) and str(doc_id) else f"{stem}/{number}"
         documents.append(Document(doc_id, spool.add(text), where, group=stem if cluster is None else str(cluster),
-                                  data_source=data_source if isinstance(data_source, str) else ""))
+                                  data_source=data_source or file_source))
     return documents
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spell_core.roles import DOC_MATH, DOC_MC, DOC_QA, TASK_TYPES, Task
-from spell_core.roles.text import CHOICE_LETTERS
+from spell_core.roles.text import CHOICE_LETTERS, parse_number
 from spell_core.common.textfiles import jsonl_objects, read_utf8
 
 
@@ -149,6 +149,17 @@ def _number_text(value) -> str:
     return str(value)
 
 
+def _math_answer(record: dict, key: str, where: str) -> str:
+    """A doc_math reference: a number, or a text the rule reward reads one from ("$1,234.5", "12%");
+    anything else could never be scored right, not even by the reference itself."""
+    value = record[key]
+    text = _number_text(value).strip() if isinstance(value, (int, float, str)) and not isinstance(value, bool) else ""
+    if not text or parse_number(text) is None:
+        raise EvalDataError(f"{where}: {key!r} of a doc_math question must be a number (e.g. 42 or \"3.75\"), got "
+                            f"{value!r}: no answer could ever be scored right; correct the item or remove it")
+    return text
+
+
 def _parse_longbench_v2(record: dict, where: str, index: int) -> EvalItem:
     options = {letter: _text(record, f"choice_{letter}", where) for letter in CHOICE_LETTERS}
     answer = _text(record, "answer", where).strip("()[]. ").upper()
@@ -174,10 +185,7 @@ def _parse_docmath(record: dict, where: str, index: int) -> EvalItem:
     context = "\n\n".join(part for part in ["\n".join(paragraphs).strip(), *(t.strip() for t in tables)] if part)
     if not context:
         raise EvalDataError(f"{where}: 'paragraphs' and 'tables' are both empty: no document to read")
-    truth = record["ground_truth"]
-    if isinstance(truth, bool) or not isinstance(truth, (int, float, str)) or not str(truth).strip():
-        raise EvalDataError(f"{where}: 'ground_truth' must be a number")
-    task = Task(DOC_MATH, _text(record, "question", where), _number_text(truth).strip())
+    task = Task(DOC_MATH, _text(record, "question", where), _math_answer(record, "ground_truth", where))
     return EvalItem(task, (context,), where, str(record["question_id"]), "docmath")
 
 
@@ -209,7 +217,7 @@ def _parse_spell(record: dict, where: str, index: int) -> EvalItem:
     if not isinstance(documents, list) or not documents or not all(isinstance(d, str) and d.strip()
                                                                    for d in documents):
         raise EvalDataError(f"{where}: 'context' must be a non-empty string or a list of non-empty strings")
-    answer = str(answer).strip()
+    answer = _math_answer(record, "answer", where) if task_type == DOC_MATH else str(answer).strip()
     options = record.get("options")
     if task_type == DOC_MC:
         letter = answer.strip("()[]. ").upper()

@@ -39,6 +39,13 @@ def load_results(path) -> dict:
             isinstance(q, dict) and {"type", "n", "correct"} <= q.keys() for q in questions):
         raise CompareError(f"{path}: not an evaluation result (needs a 'questions' list with type, n and correct "
                            "for each question)")
+    for i, q in enumerate(questions):
+        n, correct = q["n"], q["correct"]
+        counts = all(isinstance(v, int) and not isinstance(v, bool) for v in (n, correct))
+        if not counts or n < 1 or not 0 <= correct <= n:
+            raise CompareError(f"{path}: question {q.get('id') or q.get('where') or f'#{i}'} has n={n!r} samples and "
+                               f"correct={correct!r}; it needs whole numbers with 0 <= correct <= n >= 1: the file "
+                               "was edited or damaged; evaluate again to rewrite it")
     return results
 
 
@@ -144,12 +151,16 @@ def plot_comparison(result: dict, path, names=("A", "B")) -> None:
     plt.close(fig)
 
 
-def compare_main(path_a, path_b, plot_path="compare.png") -> int:
+def compare_main(path_a, path_b, plot_path="compare.png", *, overwrite: bool = False) -> int:
+    from spell_core.common.output_files import check_output_file
+
     try:
         a, b = load_results(path_a), load_results(path_b)
         names = (Path(path_a).stem, Path(path_b).stem)
         result = compare(a, b, names=names)
-    except CompareError as err:
+        check_output_file(plot_path, [("--compare A.json", path_a), ("--compare B.json", path_b)],
+                          overwrite=overwrite, what="the plot", example="compare.png")
+    except (CompareError, ValueError) as err:  # ValueError: an unusable --out (input_checks, run_folder)
         print(f"spell.eval: error: {err}", file=sys.stderr)
         return 1
     for name, data in zip(names, (a, b)):

@@ -135,7 +135,7 @@ def test_evaluation_table_and_json(tmp_path, monkeypatch, capsys):
     # the verifier's YES majority counts an answer correct (max(rule, majority)); unparsable stays wrong
     assert main(["--data", str(data), "--model", str(model), "--n", "4", "--k", "1", "--device", "cpu",
                  "--out", str(out), "--no-progress", "--max-new-tokens", "16", "--verifier",
-                 "--verifier-samples", "3"]) == 0
+                 "--verifier-samples", "3", "--overwrite"]) == 0
     summary = json.loads(out.read_text())["summary"]
     assert summary["doc_qa"]["pass@1"] == 1 and summary["doc_math"]["pass@1"] == pytest.approx(3 / 4)
 

@@ -78,7 +78,7 @@ def test_results_are_written_atomically_and_rescued_when_the_write_fails(data, m
     (tmp_path / "rescue").mkdir()
     import tempfile
     monkeypatch.setattr(tempfile, "tempdir", None)
-    assert run(data, model, out) == 0
+    assert run(data, model, out, "--overwrite") == 0
     err = capsys.readouterr().err
     assert f"spell.eval: error: cannot write {out} (No space left on device); the results were saved to" in err
     (rescued,) = (tmp_path / "rescue").iterdir()

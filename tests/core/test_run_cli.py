@@ -87,7 +87,7 @@ def test_python_dash_m_entry_points():
         (["--ctx", "12q"], "argument --ctx: context length '12q' is not understood"),
         (["--tasks", "doc_qa,doc_essay"], "unknown task type 'doc_essay'; choose from doc_qa, doc_math, doc_mc"),
         (["--tasks", "=doc_qa"], "the prefix before '=' is empty"),
-        (["--dual-clip", "0.5"], "--dual-clip must be > 1 (or 0: off), got 0.5"),
+        (["--dual-clip", "0.5"], "argument --dual-clip: must be > 1, or 0 for off, got 0.5"),
         (["--memory-admission", "strict"], "argument --memory-admission: invalid choice: 'strict'"),
         (["--device", "tpu"], "argument --device: device 'tpu'"),
         (["--seed", "x"], "argument --seed: invalid int value"),
