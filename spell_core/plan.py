@@ -247,7 +247,10 @@ def activations(shape: Shape, tokens: int, gradient_checkpointing: bool, device:
 
 def plan_memory(shape: Shape, ctx: int, gpus: int = 1, cp: int = 1, gpu_memory: int = 80 * GiB,
                 micro_batch_tokens: int | None = None, gradient_checkpointing: bool = False, group_size: int = 8,
-                max_new_tokens: int = 4096) -> MemoryPlan:
+                max_new_tokens: int = 4096, kv_prompt_tokens: int | None = None) -> MemoryPlan:
+    """ctx: the tokens of one trajectory (what training holds); kv_prompt_tokens: the prompt a
+    group's G samples share in the sampler's KV cache (default ctx, the command line's reading:
+    --ctx counts the prompt, the responses come on top)."""
     if gpus < 1 or cp < 1 or gpus % cp:
         raise ValueError(f"--gpus ({gpus}) must be a positive multiple of --cp ({cp})")
     if micro_batch_tokens is None:  # the packer's budget per rank: at least one whole trajectory's share
@@ -264,7 +267,7 @@ def plan_memory(shape: Shape, ctx: int, gpus: int = 1, cp: int = 1, gpu_memory: 
     parts["weights gathered (root + 2 layers)"] = working_weights
     parts["activations, no checkpointing"] = activations(shape, micro_batch_tokens, False)
     parts["activations, gradient checkpointing"] = activations(shape, micro_batch_tokens, True)
-    kv_tokens = ctx + group_size * max_new_tokens
+    kv_tokens = (ctx if kv_prompt_tokens is None else kv_prompt_tokens) + group_size * max_new_tokens
     parts["sampler: full weights"] = n * b
     parts[f"sampler: KV cache ({kv_tokens:,} tokens)"] = kv_tokens * 2 * shape.layers * shape.kv_heads * shape.head_dim * b
     chunk = min(PREFILL_CHUNK_TOKENS, ctx)
@@ -397,16 +400,21 @@ if __name__ == "__main__":
 
 def check_run_fits(config, args, topology=None) -> MemoryPlan:
     """`run` on a GPU, before anything is loaded: the plan of this run (config.json, the GPU's
-    memory, the world size); ValueError with the plan and its advice when it does not fit."""
+    memory, the world size); ValueError with the plan and its advice when it does not fit. A
+    trajectory holds documents + prompt room + response (`context_needed`); the sampler's KV cache
+    holds a group's documents and prompt once and its G responses."""
     import torch
 
     from spell_core.models.assets import resolve_model
+    from spell_core.selfplay.config import context_needed
 
     shape = Shape.from_config(read_model_config(str(resolve_model(config.model.name))))
     total = torch.cuda.get_device_properties(torch.device(config.model.device)).total_memory
-    plan = plan_memory(shape, config.data.ctx, topology.world_size if topology is not None else 1, args.cp, total,
+    response = config.sampling.max_response_tokens
+    trajectory = context_needed(config.data.ctx, config.data.prompt_tokens, response)
+    plan = plan_memory(shape, trajectory, topology.world_size if topology is not None else 1, args.cp, total,
                        args.micro_batch_tokens, args.gradient_checkpointing, config.sampling.group_size,
-                       config.sampling.max_response_tokens)
+                       response, kv_prompt_tokens=trajectory - response)
     if not plan.fits:
         raise ValueError("this run does not fit in GPU memory (spell_core.plan, before loading anything):\n"
                          + plan.report())

@@ -11,8 +11,9 @@ are a text panel (TensorBoard) or a table (W&B) named `questions`.
 TensorBoard writes `<out>/tensorboard`; a resumed run purges the steps after its checkpoint,
 so the redone steps are not shown twice. W&B writes `<out>/wandb`, offline when WANDB_MODE says
 so or when no API key is set (never a login prompt); a resumed run continues the same W&B run
-(id kept in `<out>/wandb_run.json`). W&B takes each step once: a step redone after a resume
-keeps the values first sent.
+(id kept in `<out>/wandb_run.json`). W&B takes each step once and cannot rewind an offline run:
+a step redone after a resume keeps the values first sent, and the run says so when it resumes
+(metrics.jsonl and TensorBoard hold the redone values).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -162,6 +164,8 @@ class WandbReporter:
                                     x_disable_stats=True, x_disable_meta=True))  # gpu/ metrics come from the monitor
         self.mode = mode
         self._save_state()
+        if resume_step is not None and self.last_step > resume_step:
+            print(redone_steps_note(self.run_id, resume_step, self.last_step), file=sys.stderr)
 
     def log(self, step: int, record: dict, questions: list[dict]) -> None:
         if step <= self.last_step:  # redone after a resume: W&B already has this step
@@ -185,6 +189,14 @@ class WandbReporter:
         tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
         tmp.write_text(json.dumps({"id": self.run_id, "last_step": self.last_step, "mode": self.mode}) + "\n")
         os.replace(tmp, self.state_path)
+
+
+def redone_steps_note(run_id: str, resume_step: int, last_step: int) -> str:
+    """What a resumed run tells the user when W&B already holds steps it will redo."""
+    steps = f"step {last_step}" if last_step == resume_step + 1 else f"steps {resume_step + 1}-{last_step}"
+    return (f"spell: note: W&B run {run_id} already holds {steps} from before the checkpoint of step {resume_step}; "
+            f"W&B takes a step once, so it keeps those first values while metrics.jsonl and TensorBoard get the "
+            f"redone {steps}; W&B's new values start at step {last_step + 1}")
 
 
 def _has_wandb_key() -> bool:

@@ -53,6 +53,16 @@ def _question_key(q: dict) -> str:
     return str(q.get("id") or q.get("where"))
 
 
+def _repeated_keys(results: dict) -> list[str]:
+    seen, repeated = set(), []
+    for q in results["questions"]:
+        key = _question_key(q)
+        if key in seen and key not in repeated:
+            repeated.append(key)
+        seen.add(key)
+    return repeated
+
+
 def _pass_at_k(n: np.ndarray, c: np.ndarray, k: int) -> np.ndarray:
     return np.array([pass_at_k(int(ni), int(ci), k) for ni, ci in zip(n, c)])
 
@@ -73,14 +83,16 @@ def compare(a: dict, b: dict, *, names=("A", "B"), draws: int = BOOTSTRAP_DRAWS,
     qa = {_question_key(q): q for q in a["questions"]}
     qb = {_question_key(q): q for q in b["questions"]}
     only_a, only_b = sorted(qa.keys() - qb.keys()), sorted(qb.keys() - qa.keys())
-    if only_a or only_b or len(qa) != len(a["questions"]) or len(qb) != len(b["questions"]):
+    twice = [(name, _repeated_keys(side)) for name, side in zip(names, (a, b))]
+    if only_a or only_b or any(keys for _, keys in twice):
         detail = []
         if only_a:
             detail.append(f"{len(only_a)} only in {names[0]} (e.g. {', '.join(only_a[:3])})")
         if only_b:
             detail.append(f"{len(only_b)} only in {names[1]} (e.g. {', '.join(only_b[:3])})")
-        if not detail:
-            detail.append("a question id appears twice in one file")
+        for name, keys in twice:
+            if keys:
+                detail.append(f"question id {', '.join(keys[:3])} appears more than once in {name}")
         raise CompareError(f"the two files do not hold the same questions: {'; '.join(detail)}; evaluate both "
                            "models on the same data file")
     keys = list(qa)

@@ -24,21 +24,52 @@ def test_a_caller_that_set_one_thread_keeps_one():
         torch.set_num_threads(before)
 
 
-def test_busy_cores_counts_a_spinning_process(tmp_path):
-    """A child that spins on one core for the whole window shows as at least half a core busy."""
-    import subprocess
-    import sys
+def _stat(jiffies: dict[int, tuple[int, int]]) -> str:
+    """A /proc/stat text for CPUs {n: (user, idle)}: the aggregate line, then one line per CPU."""
+    total_user = sum(u for u, _ in jiffies.values())
+    total_idle = sum(i for _, i in jiffies.values())
+    lines = [f"cpu  {total_user} 0 0 {total_idle} 0 0 0 0 0 0"]
+    lines += [f"cpu{n} {u} 0 0 {i} 0 0 0 0 0 0" for n, (u, i) in sorted(jiffies.items())]
+    return "\n".join(lines + ["intr 1 2 3", "ctxt 9", "btime 1", "processes 7"]) + "\n"
 
-    from spell_core.common.cpu_threads import busy_cores
-    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
-    try:
-        import time
-        time.sleep(0.5)
-        busy, how = busy_cores(cores=2, window_s=1.0)
-    finally:
-        spinner.kill()
-        spinner.wait()
-    assert how == "busy" and 0.5 <= busy <= 2.05
+
+def test_a_spinner_on_one_of_two_allowed_cpus_of_sixteen_is_one_busy_core(tmp_path, monkeypatch):
+    """A machine reporting 16 CPUs, this process pinned to CPUs 2 and 3, a spinner on CPU 3 for
+    the whole window (100 of 100 jiffies busy) and a spinner on CPU 9, outside the affinity. Busy
+    is 1.0 core by hand (CPU 3's share 1, CPU 2's 0; CPU 9 does not count), so 2 - 1 = 1 thread.
+    The aggregate `cpu` line says 200 of 1,600 jiffies busy, 1/8 of the machine; times 2 cores
+    that is 0.25 busy and round(1.75) = 2 threads: the bug this test catches."""
+    from spell_core.common import cpu_threads
+
+    before = {n: (1000, 5000) for n in range(16)}
+    after = {n: (1000, 5100) for n in range(16)}
+    after[3] = (1100, 5000)
+    after[9] = (1100, 5000)
+    stat = tmp_path / "stat"
+    stat.write_text(_stat(before))
+    monkeypatch.setattr(cpu_threads, "PROC_STAT", str(stat), raising=False)
+    monkeypatch.setattr(cpu_threads.os, "sched_getaffinity", lambda pid: {2, 3})
+    monkeypatch.setattr(cpu_threads.time, "sleep", lambda s: stat.write_text(_stat(after)))
+
+    assert cpu_threads.busy_between(_stat(before), _stat(after), {2, 3}) == 1.0
+    assert cpu_threads.busy_between(_stat(before), _stat(after), {2, 3, 9}) == 2.0
+    assert cpu_threads.busy_between(_stat(before), _stat(after), {0, 1}) == 0.0
+    assert cpu_threads.idle_core_threads(local_ranks=1, cap=16) == (1, "2 cores, 1.0 busy")
+
+
+def test_each_allowed_cpu_counts_by_its_own_busy_share(tmp_path, monkeypatch):
+    """CPU 0 busy 30 of 40 jiffies (a tickless CPU sees fewer), CPU 5 busy 50 of 200: 0.75 + 0.25
+    = 1.0 core, where pooling the jiffies would give 2 x 80 / 240 = 0.67."""
+    from spell_core.common import cpu_threads
+    from spell_core.common.cpu_threads import busy_cores, cpu_jiffies
+
+    before = _stat({0: (0, 0), 5: (0, 0), 7: (0, 0)})
+    after = _stat({0: (30, 10), 5: (50, 150), 7: (200, 0)})
+    assert cpu_jiffies(after) == {0: (30.0, 40.0), 5: (50.0, 200.0), 7: (200.0, 200.0)}
+    stat = tmp_path / "stat"
+    stat.write_text(before)
+    monkeypatch.setattr(cpu_threads.time, "sleep", lambda s: stat.write_text(after))
+    assert busy_cores({0, 5}, window_s=0.5, stat_path=str(stat)) == (1.0, "busy")
 
 
 def test_without_sched_getaffinity_the_core_count_is_os_cpu_count(monkeypatch):

@@ -249,3 +249,55 @@ def test_judge_and_self_verifier_are_exclusive(tokenizer):
     with pytest.raises(ValueError, match="pick one"):
         evaluate(STUB_MODEL, tokenizer, [], n=1, ks=(1,), max_new_tokens=8, verifier=True,
                  judge=Judge(STUB_MODEL, tokenizer, "j"), generate=lambda *a, **k: [], progress=False)
+
+
+def test_judge_decodes_greedily_once_cuts_its_prompt_in_the_middle_and_grades_an_unparsed_tail(tmp_path, tokenizer):
+    """What the judge's `generate` is called with, checked on the call itself: one greedy sample
+    (n=1, temperature 0) of max_new_tokens, the evaluation's seed; a prompt longer than 8,192
+    tokens sent as its first 4,096 and last 4,096 tokens (a judge whose context is 4,096 with
+    1,024 new tokens: 3,072 = 1,536 + 1,536); an answer with no final sentence graded by the last
+    2,000 characters of the response."""
+    from spell_core.evaluation.judge import build_judge_prompt
+    from spell_core.roles import Task
+
+    calls = []
+
+    def judge_generate(model, tokenizer, prompts, **kwargs):
+        calls.append((prompts, kwargs))
+        return [[SimpleNamespace(text="Same. [[YES]]")] for _ in prompts]
+
+    task = Task("doc_qa", "What hangs by the door?", "lantern")
+    long_prediction = " ".join(f"lamp{i}" for i in range(6000))  # > 8,192 tokens
+    full = build_judge_prompt(tokenizer, task, long_prediction, budget=10**9)
+    assert len(full) > 8192
+    wide = Judge(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=131072)), tokenizer, "j",
+                 max_new_tokens=64)
+    assert wide.verdicts([(task, long_prediction), (task, "a lamp")], generate=judge_generate, seed=11) == [True, True]
+    (prompts, kwargs), = calls
+    assert kwargs == {"n": 1, "max_new_tokens": 64, "temperature": 0.0, "seed": 11, "progress": None}
+    assert len(prompts[0]) == 8192 and prompts[0] == full[:4096] + full[-4096:]
+    assert prompts[1] == build_judge_prompt(tokenizer, task, "a lamp", budget=10**9)  # short: whole
+    narrow = Judge(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096)), tokenizer, "j",
+                   max_new_tokens=1024)
+    narrow.verdicts([(task, long_prediction)], generate=judge_generate, seed=0, kv_budget_tokens=5000)
+    prompts, kwargs = calls[1]
+    assert prompts[0] == full[:1536] + full[-1536:] and kwargs["kv_budget_tokens"] == 5000
+
+    # through the evaluation: a 3,500-character response without "The answer is": its last 2,000
+    # characters ("b" x 2,000, not one "a") are what the judge reads as the predicted answer
+    items = load_eval_data(write(tmp_path / "q.jsonl", [{"context": "c", "question": "What hangs by the door?",
+                                                          "answer": "lantern", "type": "doc_qa"}], "jsonl"))
+    answered = scripted_generate(lambda *a: "a" * 1500 + "b" * 2000)
+    calls.clear()
+
+    def generate(model, tokenizer, prompts, **kwargs):
+        if "Ground-truth answer:" in tokenizer.decode(prompts[0]):
+            return judge_generate(model, tokenizer, prompts, **kwargs)
+        return answered(model, tokenizer, prompts, **kwargs)
+
+    result = evaluate(STUB_MODEL, tokenizer, items, n=1, ks=(1,), max_new_tokens=4000, judge=wide, generate=generate,
+                      progress=False)
+    (prompts, kwargs), = calls
+    text = tokenizer.decode(prompts[0])
+    assert "Predicted answer: " + "b" * 2000 + "\n" in text and "aaaa" not in text
+    assert result["questions"][0]["judge_verdicts"] == [True]

@@ -39,6 +39,38 @@ def test_changes_and_intervals_worked_by_hand():
     assert every["questions"] == 3 and every["pass@1"]["delta"] == pytest.approx((0.5 + 0 + 0.5) / 3)
 
 
+def test_a_with_n_4_against_b_with_n_8_worked_by_hand():
+    """pass@k of each question from its own (n, correct): A samples 4 per question, B 8; the ks
+    are those both files can report (1, 2, 4)."""
+    a = results([("q1", "doc_qa", 1), ("q2", "doc_qa", 3), ("q3", "doc_mc", 0)], n=4)
+    b = results([("q1", "doc_qa", 6), ("q2", "doc_qa", 2), ("q3", "doc_mc", 8)], n=8)
+    out = compare(a, b)
+    assert out["ks"] == [1, 2, 4]
+    qa, mc, every = out["groups"]["doc_qa"], out["groups"]["doc_mc"], out["groups"]["all"]
+    # pass@1 = c/n: A 1/4 and 3/4, B 6/8 and 2/8: both means 1/2, per-question changes +1/2 and -1/2;
+    # resampling two changes gives means -1/2, 0, +1/2 with chances 1/4, 1/2, 1/4
+    assert (qa["pass@1"]["a"], qa["pass@1"]["b"], qa["pass@1"]["delta"]) == pytest.approx((0.5, 0.5, 0.0))
+    assert (qa["pass@1"]["low"], qa["pass@1"]["high"]) == pytest.approx((-0.5, 0.5))
+    # pass@2 = 1 - C(n-c, 2)/C(n, 2): A 1 - 3/6 = 1/2 and 1 - 0/6 = 1; B 1 - 1/28 = 27/28 and 1 - 15/28 = 13/28
+    assert qa["pass@2"]["a"] == pytest.approx(3 / 4) and qa["pass@2"]["b"] == pytest.approx(20 / 28)
+    assert qa["pass@2"]["delta"] == pytest.approx(20 / 28 - 3 / 4)  # -1/28
+    # pass@4 = 1 - C(n-c, 4)/C(n, 4): A 1 and 1; B 1 - 0/70 = 1 and 1 - 15/70 = 11/14
+    assert (qa["pass@4"]["a"], qa["pass@4"]["b"]) == pytest.approx((1.0, (1 + 11 / 14) / 2))
+    # q3: none of 4 right, then all 8: every pass@k from 0 to 1
+    assert [mc[f"pass@{k}"]["delta"] for k in (1, 2, 4)] == pytest.approx([1.0, 1.0, 1.0])
+    assert every["pass@1"]["delta"] == pytest.approx((0.5 - 0.5 + 1.0) / 3)
+    assert every["pass@4"]["delta"] == pytest.approx((0 + (11 / 14 - 1) + 1) / 3)
+
+
+def test_a_question_id_twice_in_one_file_is_named():
+    twice = results([("q1", "doc_qa", 1), ("q2", "doc_qa", 3), ("q1", "doc_qa", 2)])
+    with pytest.raises(CompareError, match="question id q1 appears more than once in A"):
+        compare(twice, results([("q1", "doc_qa", 1), ("q2", "doc_qa", 3)]))
+    with pytest.raises(CompareError, match="question id q1 appears more than once in after"):
+        compare(A, results([("q1", "doc_qa", 1), ("q2", "doc_qa", 3), ("q3", "doc_mc", 0), ("q1", "doc_qa", 2)]),
+                names=("before", "after"))
+
+
 def test_bootstrap_interval_holds_the_mean_and_narrows_with_more_questions():
     rng = __import__("numpy").random.default_rng(1)
     a = rng.random(400)

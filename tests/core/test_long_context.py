@@ -6,7 +6,11 @@ hold the whole cluster, and the update on them, with a tiny random model whose p
 Outputs are scripted (tests/core/scripted.py): a well-formed doc_qa question, responders right
 half the time, verifiers that judge correctly but one; so the step always has a responder group with
 reward variance, a questioner sample and verifier groups to train. The responder stage also runs
-the real sampler on its 128k prompt (its samples are then replaced by the script's).
+the real sampler on its 128k prompt: the responders keep the script's texts (so the rewards are
+the script's) but carry the sampler's token ids and log-probs, so that the update's own forward
+scores the sampler's tokens at positions 131k: the trainer's log-probs of them must equal the
+sampler's (ratio within 1e-3), i.e. decoding on the KV cache of a 128k prefill equals one full
+forward at that length. The check reads the rows the update already computes (no extra pass).
 
 What reads the whole cluster: the responder prompt only (the questioner sees the documents the
 history memory selects, the grounding and verifier prompts none), so the step does one 128k
@@ -14,10 +18,14 @@ prefill and the update forwards and back-propagates one 128k prompt, once for th
 Attention is quadratic in the context: those two passes are the cost of this test, about
 2.7 CPU-minutes on one core at 128k (bench/results/long_context.md).
 `SPELL_LONG_CTX=4k pytest tests/core/test_long_context.py` runs the same test at another length."""
+import dataclasses
 import json
+import math
 import os
 
 import torch
+
+import spell_kernels
 
 from spell_core.selfplay.config import RunConfig, parse_ctx
 from spell_core.sampling import sampler
@@ -36,7 +44,10 @@ G = 4
 def make_model(folder, tokenizer_source):
     """A random 1-layer Llama, 2 query heads sharing 1 KV head of 16 (GQA), positions
     131072 + 1024, saved by transformers. Head dim 16, not 8: PyTorch's CPU flash attention
-    (the cost of this test) takes about half the time per (query, key) pair at 16."""
+    (the cost of this test) takes about half the time per (query, key) pair at 16. The attention
+    projections are scaled x10 (sharp attention, large attention outputs): then decoding one
+    position off moves a log-prob by ~0.16 at 2k, where at transformers' initialization it moves
+    it by 5e-5, which the 1e-3 check below could not see."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
@@ -44,7 +55,12 @@ def make_model(folder, tokenizer_source):
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=131072 + 1024,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    model = LlamaForCausalLM(config)
+    attention = model.model.layers[0].self_attn
+    with torch.no_grad():
+        for projection in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj):
+            projection.weight *= 10
+    model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -83,7 +99,36 @@ def play(role, text, i, j, rng):
     return f"Judged. [[{'YES' if right == (j != G - 1) else 'NO'}]]"  # the last verifier errs: agreement 0.75
 
 
-def test_one_self_play_step_and_update_at_the_full_context(tmp_path):
+def _record_policy_loss_inputs(monkeypatch):
+    """Wrap spell_kernels.policy_loss so that each call's head inputs are kept: (hidden rows, head
+    weight, targets, the sampler's log-probs, per-trajectory row offsets, temperature)."""
+    calls, real = [], spell_kernels.policy_loss
+
+    def policy_loss(hidden, weight, targets, old_logprobs, *args, **kwargs):
+        calls.append((hidden.detach().clone(), weight.detach().clone(), targets.clone(), old_logprobs.clone(),
+                      kwargs["cu_seqlens"].tolist(), kwargs["temperature"]))
+        return real(hidden, weight, targets, old_logprobs, *args, **kwargs)
+
+    monkeypatch.setattr(spell_kernels, "policy_loss", policy_loss)
+    return calls
+
+
+def _trainer_logprobs_of(calls, sampled_ids):
+    """{sample's token ids: (the trainer's log-probs of them, the same in float64 from its hidden
+    rows)} for every trajectory row range of the update whose targets are a sampler's sample."""
+    out = {}
+    for hidden, weight, targets, old, cu, temperature in calls:
+        for a, b in zip(cu, cu[1:]):
+            ids = tuple(targets[a:b].tolist())
+            if ids in sampled_ids:
+                kernel = spell_kernels.fused_linear_logprob(hidden[a:b], weight, targets[a:b], temperature)
+                logits = hidden[a:b].double() @ weight.double().T / temperature
+                float64 = torch.log_softmax(logits, -1).gather(1, targets[a:b, None])[:, 0]
+                out[ids] = (kernel.tolist(), float64.tolist(), old[a:b].tolist())
+    return out
+
+
+def test_one_self_play_step_and_update_at_the_full_context(tmp_path, monkeypatch):
     from spell_core.models.assets import resolve_model
 
     config = RunConfig()
@@ -104,9 +149,12 @@ def test_one_self_play_step_and_update_at_the_full_context(tmp_path):
     def generate(model, tokenizer, prompts, **kwargs):
         """The script's outputs; the responder stage also runs the real sampler on its prompt
         (chunked prefill of the whole cluster into the KV cache, G samples decoded on it)."""
+        out = scripted(model, tokenizer, prompts, **kwargs)
         if role_of(tokenizer.decode(prompts[0])) == "responder":
             sampled.append(sampler.generate(model, tokenizer, prompts, **kwargs))
-        return scripted(model, tokenizer, prompts, **kwargs)
+            out = [[dataclasses.replace(c, token_ids=list(s.token_ids), logprobs=list(s.logprobs))
+                    for c, s in zip(script_row, sample_row)] for script_row, sample_row in zip(out, sampled[-1])]
+        return out
 
     result = SelfPlay(model, tokenizer, clusters, config, generate=generate).step()
     (samples,) = sampled[0]
@@ -124,6 +172,7 @@ def test_one_self_play_step_and_update_at_the_full_context(tmp_path):
 
     trainer = Trainer(model, TrainerOptions(lr=1e-3, micro_batch_tokens=config.context_needed + G * RESPONSE, bf16_autocast=False))
     before = model.lm_head_weight.detach().clone()
+    calls = _record_policy_loss_inputs(monkeypatch)
     metrics = trainer.train_step(result.trajectories)
     assert not metrics["skipped"], metrics
     assert metrics["tokens_trained"] == sum(len(t.response_ids) for t in result.trajectories)
@@ -136,3 +185,17 @@ def test_one_self_play_step_and_update_at_the_full_context(tmp_path):
     assert shown == {"questioner": min(5, len(clusters[0].documents)), "responder": len(clusters[0].documents),
                      "verifier": 0}
     assert float((model.lm_head_weight.detach() - before).abs().max()) > 0
+
+    # the update's forward scored the sampler's tokens after the whole cluster: its log-probs equal the
+    # sampler's (KV-cache decode after a chunked prefill = one full forward at that length)
+    assert {tuple(t.response_ids) for t in responders} == {tuple(c.token_ids) for c in samples}
+    scored = _trainer_logprobs_of(calls, {tuple(c.token_ids) for c in samples})
+    assert len(scored) == len({tuple(c.token_ids) for c in samples})
+    first_position = len(responders[0].prompt_ids)
+    assert first_position > 0.9 * CTX  # the positions these log-probs are at
+    worst = 0.0
+    for kernel, float64, sampler_logprobs in scored.values():
+        for new, exact, old in zip(kernel, float64, sampler_logprobs):
+            assert abs(new - exact) < 1e-4  # the trainer's head in fp32 against float64 on its own rows
+            worst = max(worst, abs(math.exp(new - old) - 1))
+    assert worst < 1e-3, f"largest |trainer / sampler probability ratio - 1| = {worst:.2e}"

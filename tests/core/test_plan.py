@@ -103,14 +103,33 @@ def test_command_line(capsys):
     assert "neither a folder" in capsys.readouterr().err
 
 
-def test_run_stops_before_loading_when_the_plan_does_not_fit(tmp_path, monkeypatch):
-    (tmp_path / "config.json").write_text(QWEN3_8B.read_text())
+def test_run_main_on_a_small_gpu_exits_1_before_loading_with_the_prompt_in_its_kv_cache(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """`run.main` with CUDA faked (a 24 GiB GPU) on Qwen3-8B at --ctx 128k: the plan stops it with
+    exit 1 before `load_pretrained` is called. By hand, one group's KV cache holds the documents
+    131,072 + the prompt room 1,024 once and 8 x 4,096 new tokens: 164,864 tokens x (2 x 36 layers
+    x 8 heads x 128 x 2 bytes = 147,456) = 24,310,185,984 bytes = 22.64 GiB (the bug left the
+    prompt out: 163,840 tokens, 22.50 GiB); a trajectory is 131,072 + 1,024 + 4,096 = 136,192."""
+    from spell_core import run
+    from spell_core.cli import preflight
+
+    model = tmp_path / "qwen3-8b"
+    model.mkdir()
+    (model / "config.json").write_text(QWEN3_8B.read_text())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=24 * GiB))
-    config = SimpleNamespace(model=SimpleNamespace(name=str(tmp_path), device="cuda"), data=SimpleNamespace(ctx=131072),
-                             sampling=SimpleNamespace(group_size=8, max_response_tokens=4096))
-    args = SimpleNamespace(cp=1, micro_batch_tokens=32768, gradient_checkpointing=False)
-    with pytest.raises(ValueError, match="does not fit in GPU memory"):
-        plan.check_run_fits(config, args)
+    monkeypatch.setattr(preflight, "checkpoint_bytes", lambda folder, device: 1)  # no weights in the folder
+    loaded = []
+    monkeypatch.setattr("spell_core.models.model.load_pretrained", lambda *a, **k: loaded.append(a))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+
+    code = run.main(["--model", str(model), "--device", "cuda", "--ctx", "128k", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and loaded == []
+    assert "does not fit in GPU memory" in err
+    assert f"  {'sampler: KV cache (164,864 tokens)':<44} {22.64:8.2f} GiB" in err.splitlines()
+    assert "ctx 136,192" in err and "one trajectory needs 136,192 tokens per GPU" in err
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

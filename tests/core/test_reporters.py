@@ -98,7 +98,12 @@ def read_wandb_history(folder):
     return history, run_ids
 
 
-def test_wandb_offline_run_without_a_key_holds_every_number_and_resumes_the_same_run(tmp_path, monkeypatch):
+def test_wandb_offline_resume_keeps_the_first_values_of_a_redone_step_and_tells_the_user(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """No API key: an offline run. Steps 1, 2 logged with loss = step; resumed from the checkpoint
+    of step 1, steps 2, 3 logged with loss = 10 x step. One W&B run, each step once: step 2 keeps
+    2.0 (W&B cannot rewind an offline run), unlike metrics.jsonl's redone 20.0, and the resumed
+    run says so, naming step 2."""
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no stored key: offline, no prompt
@@ -106,16 +111,22 @@ def test_wandb_offline_run_without_a_key_holds_every_number_and_resumes_the_same
     run_steps(Monitor(out, 3, bars=False, plot=False, report_to=("wandb",)), (1, 2), lambda s: 1.0 * s)
     state = json.loads((out / "wandb_run.json").read_text())
     assert state["mode"] == "offline" and state["last_step"] == 2
+    assert "spell: note" not in capsys.readouterr().err
     run_steps(Monitor(out, 3, bars=False, plot=False, resume_step=1, report_to=("wandb",)), (2, 3),
               lambda s: 10.0 * s)
+    assert (f"spell: note: W&B run {state['id']} already holds step 2 from before the checkpoint of step 1; W&B "
+            "takes a step once, so it keeps those first values while metrics.jsonl and TensorBoard get the redone "
+            "step 2; W&B's new values start at step 3") in capsys.readouterr().err
     history, run_ids = read_wandb_history(out / "wandb")
     assert run_ids == {state["id"]}  # one W&B run across both sessions
     assert sorted(history) == [1, 2, 3] and all(len(v) == 1 for v in history.values())  # no step twice
-    for step, loss in ((1, 1.0), (2, 2.0), (3, 30.0)):  # step 2 redone: W&B keeps what it was sent first
+    for step, loss in ((1, 1.0), (2, 2.0), (3, 30.0)):  # step 2: the value first sent, as the note says
         items = history[step][0]
         expected = scalars(metrics(step, loss))
         assert {k: items[k] for k in expected} == pytest.approx(expected)
         assert items["questions/_type"] == "table-file" and items["questions/nrows"] == 2
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["train_loss"]) for m in logged] == [(1, 1.0), (2, 20.0), (3, 30.0)]
 
 
 def test_run_reports_each_step_to_tensorboard_and_wandb(assets, scripted, tmp_path, monkeypatch):

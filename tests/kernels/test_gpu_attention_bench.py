@@ -9,7 +9,7 @@ from bench import gpu_attention as ga
 from spell_kernels import flash_attn
 
 
-def test_script_parses():
+def test_gpu_attention_script_is_valid_bash():
     subprocess.run(["bash", "-n", "bench/gpu_attention.sh"], check=True)
 
 
@@ -52,13 +52,28 @@ def test_sweep_covers_the_shipped_configs():
         assert flash_attn.GPU_CONFIGS[kind][128] in candidates, kind
 
 
-def test_attention_rows_on_the_interpreter(triton_path, monkeypatch):
+def test_attention_rows_are_the_causal_flops_over_the_measured_time_of_each_variant(triton_path, monkeypatch):
+    """Each variant's kernels run (on the interpreter) under its own USE_TMA; with every timing
+    fixed at 0.25 s, L = 16, 1 head, D = 32: forward 4 x 16 x 16 x 32 / 2 = 16,384 FLOPs -> 65,536
+    FLOP/s, forward + backward 3.5 x that = 229,376 FLOP/s (the rows hold TFLOP/s)."""
     monkeypatch.setattr(ga, "dev", "cpu")
     monkeypatch.setattr(ga, "dry", True)
     monkeypatch.setattr(flash_attn, "INTERPRET_CONFIG", dict(BLOCK_M=16, BLOCK_N=16))
+    use_tma = []
+
+    def timed(fn):
+        fn()
+        use_tma.append(flash_attn.USE_TMA)
+        return 0.25
+
+    monkeypatch.setattr(ga, "timed", timed)
     rows = ga.attention_rows(16, heads=1, d=32, dtype=torch.float16)
     assert [r["what"] for r in rows] == [name for name, _, _ in ga.VARIANTS] + ["SDPA"]
-    assert all(r["fwd"] > 0 and r["fwd_bwd"] > 0 for r in rows)
+    assert use_tma[:6] == [None, None, None, None, False, False]  # TMA, TMA, pointers; forward then both
+    for r in rows:
+        assert r["batch"] == 1 and r["L"] == 16
+        assert r["fwd"] == pytest.approx(65536 / 1e12, rel=1e-12)
+        assert r["fwd_bwd"] == pytest.approx(229376 / 1e12, rel=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["fwd_tma", "dkdv_atomic"])
