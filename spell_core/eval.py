@@ -11,8 +11,10 @@ longer than `--ctx` tokens keeps its head and tail (`truncation.py`).
 Scoring: the rule reward (any of the references of a LongBench question counts); with
 `--judge-model`, max(rule reward, the judge's verdict) for QA and math, multiple choice by
 letter only (the method's protocol, `judge.py`); with `--verifier`, max(rule reward, the
-majority of the model's own G verdicts): self-grading, labelled as such. pass@k is the
-unbiased estimator 1 - C(n-c, k) / C(n, k) averaged over questions.
+majority of the model's own G verdicts): self-grading, labelled as such. Reported as the
+paper reports (`eval_metrics.py`): mean@n and bootstrap best@k per question, with the
+unbiased pass@k beside them; per benchmark the mean over questions, "overall" the mean over
+benchmarks ("all" is the question-weighted mean).
 
 `python -m spell_core.eval --compare A.json B.json` compares two result files (`compare.py`).
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from spell_core.assets import DEFAULT_MODEL
 from spell_core.benchmarks import FORMATS, EvalDataError, EvalItem, load_eval_data
+from spell_core.eval_metrics import best_at_k, mean_at_n, mean_over_benchmarks, pass_at_k
 from spell_core.eval_prompts import build_eval_prompt
 from spell_core.roles import (DOC_MC, TASK_TYPES, build_verifier_prompt, extract_answer, parse_verdict,
                               responder_reward, rule_reward, thinking_template_kwargs, verifier_majority)
@@ -37,15 +40,6 @@ from spell_core.truncation import parse_budget, truncate_middle
 __all__ = ["EvalDataError", "EvalItem", "load_eval_data", "pass_at_k", "evaluate", "main"]
 
 SELF_VERIFIER_LABEL = "max(rule reward, self-verifier majority) [the model under test grades itself]"
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
-    if not 0 <= c <= n:
-        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
-    if not 1 <= k <= n:
-        raise ValueError(f"pass@{k} needs 1 <= k <= n = {n} samples per question; lower k or raise --n")
-    return 1.0 - comb(n - c, k) / comb(n, k)
 
 
 def item_rule_reward(item: EvalItem, answer: str | None) -> float:
@@ -121,23 +115,32 @@ def evaluate(model, tokenizer, items: Sequence[EvalItem], *, n: int = 8, ks: Seq
         correct = sum(s == 1.0 for s in row_scores)
         record = {"id": item.id, "where": item.where, "type": item.task.task_type, "source": item.source, "n": n,
                   "correct": correct, "rule_correct": sum(r == 1.0 for r in row_rules), "answers": row_answers,
-                  "truncated_tokens": dropped[i], **{f"pass@{k}": pass_at_k(n, correct, k) for k in ks}}
+                  "truncated_tokens": dropped[i], f"mean@{n}": mean_at_n(row_scores),
+                  **{f"best@{k}": best_at_k(row_scores, k) for k in ks},
+                  **{f"pass@{k}": pass_at_k(n, correct, k) for k in ks}}
         if verdicts is not None:
             record["judge_verdicts"] = verdicts[i]
         per_question.append(record)
-    return {"summary": summarize(per_question, ks, "type"), "sources": summarize(per_question, ks, "source"),
-            "questions": per_question, "speed": speed, "scoring": scoring_label(judge, verifier),
+    sources = summarize(per_question, ks, "source")
+    return {"summary": summarize(per_question, ks, "type"), "sources": sources,
+            "overall": mean_over_benchmarks(sources, metric_names(n, ks)), "questions": per_question, "speed": speed, "scoring": scoring_label(judge, verifier),
             "truncation": {"prompt_budget": prompt_budget, "truncated_prompts": sum(d > 0 for d in dropped),
                            "dropped_tokens": sum(dropped)}}
 
 
+def metric_names(n: int, ks: Sequence[int]) -> list[str]:
+    return [f"mean@{n}", *(f"best@{k}" for k in ks), *(f"pass@{k}" for k in ks)]
+
+
 def summarize(per_question: list[dict], ks: Sequence[int], key: str = "type") -> dict:
-    """Mean pass@k per value of `key` (task types in their usual order) and over all questions."""
+    """Mean mean@n, best@k and pass@k per value of `key` (task types in their usual order)
+    and over all questions ("all", question-weighted)."""
     names = list(TASK_TYPES) if key == "type" else sorted({q[key] for q in per_question})
     groups = {name: [q for q in per_question if q[key] == name] for name in names}
     groups = {name: qs for name, qs in groups.items() if qs}
     groups["all"] = per_question
-    return {name: {"questions": len(qs), **{f"pass@{k}": sum(q[f"pass@{k}"] for q in qs) / len(qs) for k in ks}}
+    metrics = [m for m in metric_names(per_question[0]["n"], ks) if m in per_question[0]] if per_question else []
+    return {name: {"questions": len(qs), **{m: sum(q[m] for q in qs) / len(qs) for m in metrics}}
             for name, qs in groups.items()}
 
 
@@ -154,9 +157,8 @@ def _judge_scores(judge, items, outputs, answers, rules, generate, seed, kv_budg
         if item.task.task_type == DOC_MC:
             continue
         for j, answer in enumerate(row):
-            text = judged_text(out[j].text, answer)
-            if rules[i][j] < 1.0 and text is not None:
-                pending.append((i, j, text))
+            if rules[i][j] < 1.0:
+                pending.append((i, j, judged_text(out[j].text, answer)))
     with progress_bar("judge", len(pending), len(pending), enabled=progress) as hook:
         decisions = judge.verdicts([(items[i].task, text) for i, _, text in pending], generate=generate, seed=seed,
                                    kv_budget_tokens=kv_budget_tokens, progress=hook)
@@ -186,10 +188,12 @@ def _self_verifier_scores(model, tokenizer, items, answers, rules, generate, sam
 
 def format_table(summary: dict, ks: Sequence[int], label: str = "type") -> str:
     width = max([10, *(len(name) + 1 for name in summary)])
-    header = f"{label:<{width}} {'questions':>9} " + " ".join(f"{f'pass@{k}':>8}" for k in ks)
+    first = next(iter(summary.values()), {})
+    metrics = [m for m in first if m.startswith(("mean@", "best@"))] + [f"pass@{k}" for k in ks]
+    header = f"{label:<{width}} {'questions':>9} " + " ".join(f"{m:>8}" for m in metrics)
     rows = [header, "-" * len(header)]
     for name, row in summary.items():
-        rows.append(f"{name:<{width}} {row['questions']:>9} " + " ".join(f"{row[f'pass@{k}']:>8.3f}" for k in ks))
+        rows.append(f"{name:<{width}} {row['questions']:>9} " + " ".join(f"{row.get(m, 0.0):>8.3f}" for m in metrics))
     return "\n".join(rows)
 
 
@@ -224,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--judge-model", default=None, metavar="PATH|ALIAS|HUB_ID",
                         help="external judge: score = max(rule reward, its verdict) for QA and math (the method's "
                              "protocol); multiple choice by letter only")
-    parser.add_argument("--judge-max-new-tokens", type=int, default=1024, help="judge reply length (default: 1024)")
+    parser.add_argument("--judge-max-new-tokens", type=int, default=8192,
+                        help="judge reply length (default: 8192, the released scripts' judge)")
     parser.add_argument("--verifier", action="store_true",
                         help="self-grading: score max(rule reward, the evaluated model's own verifier majority) "
                              "(inflates scores; the method's protocol is --judge-model)")
@@ -326,6 +331,8 @@ def _evaluate_and_report(args, items: list[EvalItem], ks: list[int], budget: int
     print(f"scored by {results['scoring']}\n" + format_table(results["summary"], ks))
     if len(results["sources"]) > 2:
         print("\n" + format_table(results["sources"], ks, "source"))
+    if results["overall"]:
+        print("\n" + format_table({"overall": results["overall"]}, ks, "mean over benchmarks"))
     results["config"] = {k: v for k, v in vars(args).items()}
     out = _write_results(Path(args.out), json.dumps(results, indent=2) + "\n")
     print(f"\nresults written to {out}")

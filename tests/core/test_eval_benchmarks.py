@@ -128,7 +128,8 @@ def test_fields_become_tasks_and_documents(tmp_path):
     assert lb.references == ("Big Ben", "the Great Bell") and lb.source == "hotpotqa" and lb.id == "hq-1"
     dm = load_eval_data(write(tmp_path / "c.jsonl", CASES["docmath"][0], "jsonl"))[0]
     assert dm.task.answer == "12.5" and dm.id == "dm-1"
-    assert dm.documents == ("Revenue was 10 million.\nCosts were 2.5 million.\n\n" + TABLE,)
+    # released eval: the paragraphs joined by newlines, the tables left out (we used to append them)
+    assert dm.documents == ("Revenue was 10 million.\nCosts were 2.5 million.",)
     fr = load_eval_data(write(tmp_path / "d.json", CASES["frames"][0], "json"))[0]
     assert fr.documents == ("London\nLondon is the capital.", "River Thames\nThe Thames flows through London.")
     assert fr.task.answer == "Thames" and fr.id == "7"
@@ -140,8 +141,19 @@ def test_mc_prompt_lists_choices_longbench_v2_style(tmp_path, tokenizer):
     item = load_eval_data(write(tmp_path / "a.json", CASES["longbench-v2"][0], "json"))[0]
     text = build_eval_prompt(tokenizer, item.documents, item.task).text
     assert "Choices:\n(A) Ann\n(B) Bob\n(C) Cat\n(D) Dan" in text
-    assert text.index("<text>\nAnn keeps the key") < text.index("Question: Who keeps the key?")
+    assert text.index("Ann keeps the key") < text.index("Question: Who keeps the key?")
     assert "The correct answer is" in text
+
+
+@pytest.mark.parametrize("fmt", ["longbench-v2", "longbench", "docmath", "frames"])
+def test_eval_prompt_is_the_training_responder_prompt(tmp_path, tokenizer, fmt):
+    """Released: evaluation uses the training responder templates word for word."""
+    from spell_core.eval_prompts import build_eval_prompt
+    from spell_core.roles import build_responder_prompt
+
+    item = load_eval_data(write(tmp_path / "a.json", CASES[fmt][0], "json"))[0]
+    assert (build_eval_prompt(tokenizer, item.documents, item.task).input_ids
+            == build_responder_prompt(tokenizer, list(item.documents), item.task).input_ids)
 
 
 def test_unknown_shape_lists_every_format_and_its_fields(tmp_path):
@@ -236,11 +248,11 @@ def test_judge_raises_qa_and_math_scores_never_multiple_choice(tmp_path, tokeniz
                       generate=generate, progress=False)
     qa, math, mc = result["questions"]
     # rule-correct samples are not judged; the unparsable "I do not know" and "... is two" (no number
-    # for math extraction) go as the response's end
-    assert sorted(judged) == sorted(["a lamp", "a torch", "I do not know", "Therefore, the answer is two", "5", "5"])
+    # for math extraction) go as "None", as the released scripts format a missing prediction
+    assert sorted(judged) == sorted(["a lamp", "a torch", "None", "None", "5", "5"])
     assert (qa["rule_correct"], qa["correct"]) == (1, 2)  # lantern by rule, "a lamp" by the judge
-    assert qa["judge_verdicts"] == ["rule", True, None, False]
-    assert (math["rule_correct"], math["correct"]) == (1, 2)  # 2 by rule, "two" by the judge
+    assert qa["judge_verdicts"] == ["rule", True, False, False]  # "Hmm." has no YES: 0, as released
+    assert (math["rule_correct"], math["correct"]) == (1, 1)  # 2 by rule; "two" reached the judge as None
     assert mc["correct"] == 0 and mc["judge_verdicts"] == ["letter"] * 4
     assert "judge scripted-judge" in result["scoring"]
 
