@@ -358,19 +358,21 @@ class Trainer:
             hidden = self.model.forward_hidden(mb.input_ids, mb.layout.cu_seqlens, mb.layout.position_ids,
                                                attn=attn)
         weight = self.model.lm_head_weight
-        token_weights = None
+        advantages, agg = mb.advantages, opts.agg
         if opts.agg == "released":
+            # w_t folded into the advantages (the PPO-clip loss is positively homogeneous in A), summed
+            # with global_count 1: loss = sum_t w_t loss_t, as context_parallel does for seq-mean
             lengths = (mb.resp_cu_seqlens[1:] - mb.resp_cu_seqlens[:-1]).long().cpu()
-            token_weights = torch.repeat_interleave(self._released_weights[mb.trajectories], lengths).to(self.device)
+            weights = torch.repeat_interleave(self._released_weights[mb.trajectories], lengths)
+            advantages, agg = mb.advantages * weights.to(mb.advantages.device, mb.advantages.dtype), "token-mean"
         # log-probs in the head's own precision, outside autocast: the PPO ratio compares them with
         # the sampler's, and bf16 logits (3 significant digits) would move it by a good part of the clip
         loss, mb_stats = spell_kernels.policy_loss(
             hidden[mb.pred_rows].to(weight.dtype), weight, mb.targets,
-            mb.old_logprobs if opts.use_sampler_logprobs else None, mb.advantages,
+            mb.old_logprobs if opts.use_sampler_logprobs else None, advantages,
             torch.ones_like(mb.targets, dtype=torch.bool), clip_low=opts.clip_low, clip_high=opts.clip_high,
-            dual_clip=opts.dual_clip, agg="token-mean" if token_weights is not None else opts.agg,
-            temperature=opts.temperature, return_entropy=opts.entropy, cu_seqlens=mb.resp_cu_seqlens,
-            global_count=global_count, token_weights=token_weights)
+            dual_clip=opts.dual_clip, agg=agg, temperature=opts.temperature,
+            return_entropy=opts.entropy, cu_seqlens=mb.resp_cu_seqlens, global_count=global_count)
         return loss, mb_stats
 
     def _check_token_ids(self, trajectories: list[Trajectory], micro_batches: list[MicroBatch]) -> None:

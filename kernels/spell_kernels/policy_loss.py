@@ -3,7 +3,7 @@
   policy_loss(hidden (N,H), weight (V,H), targets (N,), old_logprobs (N,) or None,
               advantages (N,), mask (N,), clip_low=0.2, clip_high=0.28, dual_clip=None,
               agg="token-mean", temperature=1.0, return_entropy=False, cu_seqlens=None,
-              global_count=None, ignore_index=-100, token_weights=None) -> (loss 0-d fp32, stats dict)
+              global_count=None, ignore_index=-100) -> (loss 0-d fp32, stats dict)
 
 Per token, with r = exp(clamp(logp - old_logp, +-20)) and advantage A:
   loss_t = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))        (PPO, DAPO's clip-higher)
@@ -13,9 +13,7 @@ aggregation mode is a weighted token sum, loss = sum_t w_t loss_t:
   token-mean            w_t = 1 / (tokens)
   seq-mean-token-mean   w_t = 1 / (tokens of t's sequence * sequences)
   seq-mean-token-sum    w_t = 1 / (sequences)
-counting only masked-in tokens (and sequences that have any), or, given token_weights
-(N,), w_t = token_weights_t on masked-in tokens (any other weighting, e.g. the released
-trainer's per-micro-batch means: spell_core/loss_weights.py). Because this per-token
+counting only masked-in tokens (and sequences that have any). Because this per-token
 gradient is known as soon as a chunk's log-probs are, the backward runs inside the forward
 chunk loop (as in Liger's fused linear cross-entropy): the logits are formed once, not
 twice, and backward() only scales the stored gradients.
@@ -123,7 +121,7 @@ def _validate(n, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip,
 
 def policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, clip_low=0.2, clip_high=0.28,
                 dual_clip=None, agg="token-mean", temperature=1.0, return_entropy=False, cu_seqlens=None,
-                global_count=None, ignore_index=-100, token_weights=None):
+                global_count=None, ignore_index=-100):
     """PPO-clip loss of a packed batch of N tokens; returns (loss, stats).
 
     hidden (N, H), weight (V, H): last hidden states and LM head; targets (N,) the sampled
@@ -154,18 +152,12 @@ def policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, clip_lo
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be packed as (N, H), got shape {tuple(hidden.shape)}")
     n = hidden.shape[0]
-    _validate(n, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip,
-              "token-mean" if token_weights is not None else agg, cu_seqlens, global_count)
+    _validate(n, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg, cu_seqlens, global_count)
     valid = mask.bool() & (targets != ignore_index)
     stat_dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
     advantages = advantages.to(stat_dtype)
     old = None if old_logprobs is None else old_logprobs.detach().to(stat_dtype)
-    if token_weights is None:
-        token_weights = _token_weights(valid, agg, cu_seqlens, global_count, stat_dtype)
-    else:
-        if token_weights.shape != (n,):
-            raise ValueError(f"token_weights must have shape ({n},) like targets, got {tuple(token_weights.shape)}")
-        token_weights = token_weights.to(device=valid.device, dtype=stat_dtype) * valid.to(stat_dtype)
+    token_weights = _token_weights(valid, agg, cu_seqlens, global_count, stat_dtype)
     compute_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     loss, logp, entropy = _FusedPolicyLoss.apply(
         hidden, weight, targets, old, advantages, token_weights, float(clip_low), float(clip_high),
