@@ -10,7 +10,8 @@ collected (or `max_rounds` is reached). Each round:
      released); the questioner sees the documents the history memory selects and the
      remembered questions;
   2. questioner, 1 sample each -> parse: bad_format (penalised), discarded (dropped);
-  3. grounding: the question alone, 1 sample; rule reward 1 -> bad_ground (penalised);
+  3. grounding: the responder prompt with the documents replaced by "Empty", 1 sample; rule
+     reward 1 -> bad_ground (penalised);
   4. responder: G samples over ALL documents of the cluster (one prompt, so one prefill);
   5. verifier: G judgments of every parsable answer (question, answer, reference);
   6. rewards (roles/rewards.py) and the history memory update.
