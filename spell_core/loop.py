@@ -104,8 +104,10 @@ class SelfPlay:
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.steps_done = int(state["steps_done"])
-        if "task_mix" in state:  # checkpoints from before the per-task split keep the fresh split
-            self.task_mix.load_state_dict(state["task_mix"])
+        saved = state.get("task_mix")
+        # checkpoints from before the per-task split, or over other clusters, keep the fresh split
+        if saved and all(cid in self.task_mix.by_id for ids in saved["pools"].values() for cid in ids):
+            self.task_mix.load_state_dict(saved)
 
     # --- the step --------------------------------------------------------------------------
 

@@ -207,3 +207,13 @@ def test_run_defaults_to_the_released_loss_weighting():
     assert trainer_options(SimpleNamespace(sampling=SimpleNamespace(temperature=0.7)), args).agg == "released"
     args = build_parser().parse_args(["--loss-agg", "token-mean"])
     assert args.loss_agg == "token-mean"
+
+
+def test_task_mix_state_round_trips():
+    clusters = _clusters(6, ("doc_qa", "doc_mc"))
+    mix = TaskMix(clusters, random.Random(3))
+    mix.draw(2)
+    state = mix.state_dict()
+    again = TaskMix(clusters, random.Random(99))
+    again.load_state_dict(state)
+    assert [(c.id, t) for c, t in again.draw(4)] == [(c.id, t) for c, t in mix.draw(4)]
