@@ -11,8 +11,10 @@ longer than `--ctx` tokens keeps its head and tail (`truncation.py`).
 Scoring: the rule reward (any of the references of a LongBench question counts); with
 `--judge-model`, max(rule reward, the judge's verdict) for QA and math, multiple choice by
 letter only (the method's protocol, `judge.py`); with `--verifier`, max(rule reward, the
-majority of the model's own G verdicts): self-grading, labelled as such. pass@k is the
-unbiased estimator 1 - C(n-c, k) / C(n, k) averaged over questions.
+majority of the model's own G verdicts): self-grading, labelled as such. Reported as the
+paper reports (`evaluation/eval_metrics.py`): mean@n and bootstrap best@k per question, with the
+unbiased pass@k beside them; per benchmark the mean over questions, "overall" the mean over
+benchmarks ("all" is the question-weighted mean).
 
 `python -m spell_core.eval --compare A.json B.json` compares two result files (`compare.py`).
 """
@@ -65,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--judge-model", default=None, metavar="PATH|ALIAS|HUB_ID",
                         help="external judge: score = max(rule reward, its verdict) for QA and math (the method's "
                              "protocol); multiple choice by letter only")
-    parser.add_argument("--judge-max-new-tokens", type=arg_types.count(1), default=1024, help="judge reply length (default: 1024)")
+    parser.add_argument("--judge-max-new-tokens", type=arg_types.count(1), default=8192,
+                        help="judge reply length (default: 8192, the released scripts' judge)")
     parser.add_argument("--verifier", action="store_true",
                         help="self-grading: score max(rule reward, the evaluated model's own verifier majority) "
                              "(inflates scores; the method's protocol is --judge-model)")
@@ -170,6 +173,8 @@ def _evaluate_and_report(args, items: list[EvalItem], ks: list[int], budget: int
     print(f"scored by {results['scoring']}\n" + format_table(results["summary"], ks))
     if len(results["sources"]) > 2:
         print("\n" + format_table(results["sources"], ks, "source"))
+    if results["overall"]:
+        print("\n" + format_table({"overall": results["overall"]}, ks, "mean over benchmarks"))
     results["config"] = {k: v for k, v in vars(args).items()}
     out = _write_results(Path(args.out), json.dumps(results, indent=2) + "\n")
     print(f"\nresults written to {out}")

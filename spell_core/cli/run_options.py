@@ -135,6 +135,11 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-admission", choices=("released", "paper"), default="released",
                         help="which questions enter the history memory by mean responder reward r: released "
                              "(the method's code: 0.01 <= r <= 1) or paper (0 < r < 1) (default: released)")
+    parser.add_argument("--loss-agg", choices=("released", "token-mean", "seq-mean-token-mean"), default=None,
+                        help="how response tokens weigh in the loss: released (the released trainer's per-micro-batch "
+                             "token-means, whatever --micro-batch-tokens), token-mean (one mean over the step's "
+                             "tokens) or seq-mean-token-mean; docs/fidelity.md (default: released on one process, "
+                             "token-mean on several ranks)")
     parser.add_argument("--clip-low", type=arg_types.CLIP_LOW, default=0.2, help="PPO ratio clip below 1 (default: 0.2)")
     parser.add_argument("--clip-high", type=arg_types.CLIP_HIGH, default=0.2, help="PPO ratio clip above 1 (default: 0.2)")
     parser.add_argument("--dual-clip", type=arg_types.dual_clip, default=3.0,
@@ -260,7 +265,7 @@ def trainer_options(config: RunConfig, args: argparse.Namespace):
     options = TrainerOptions(micro_batch_tokens=args.micro_batch_tokens, temperature=config.sampling.temperature,
                              gradient_checkpointing=args.gradient_checkpointing, clip_low=args.clip_low,
                              clip_high=args.clip_high, dual_clip=args.dual_clip or None,
-                             rollback_snapshot=args.rollback_snapshot)
+                             rollback_snapshot=args.rollback_snapshot, agg=args.loss_agg or "released")
     if args.lr is not None:
         options.lr = args.lr
     return options

@@ -7,7 +7,8 @@ Formats (detected from the fields of the first record, or named with `--format`)
     longbench     LongBench (v1) QA subsets (2wikimqa, hotpotqa, musique): input, context,
                   answers (a list: any of them counts), length, dataset, all_classes, _id -> doc_qa
     docmath       DocMath-Eval: question_id, question, paragraphs (list of str), tables (list of
-                  markdown tables), ground_truth (a number) -> doc_math
+                  markdown tables), ground_truth (a number) -> doc_math; the context is the
+                  paragraphs joined by newlines, tables left out (as the released evaluation)
     frames        Frames as the method's evaluation prepares it: Prompt (the question), Answer,
                   wiki_items (list of {title, text}: the linked Wikipedia articles) -> doc_qa
     spell         ours: context (str or list), question, answer, type, options (doc_mc, optional)
@@ -180,11 +181,11 @@ def _parse_longbench(record: dict, where: str, index: int) -> EvalItem:
 
 def _parse_docmath(record: dict, where: str, index: int) -> EvalItem:
     paragraphs = _text_list(record, "paragraphs", where, allow_empty=True)
-    tables = _text_list(record, "tables", where, allow_empty=True)
-    # the paragraphs as one text (as the method's evaluation joins them), then every table
-    context = "\n\n".join(part for part in ["\n".join(paragraphs).strip(), *(t.strip() for t in tables)] if part)
+    _text_list(record, "tables", where, allow_empty=True)  # checked, not shown: the released eval leaves tables out
+    context = "\n".join(paragraphs).strip()
     if not context:
-        raise EvalDataError(f"{where}: 'paragraphs' and 'tables' are both empty: no document to read")
+        raise EvalDataError(f"{where}: 'paragraphs' is empty: no document to read (tables are not shown, as in "
+                            "the method's evaluation)")
     task = Task(DOC_MATH, _text(record, "question", where), _math_answer(record, "ground_truth", where))
     return EvalItem(task, (context,), where, str(record["question_id"]), "docmath")
 

@@ -1,5 +1,7 @@
 """Evaluation itself: n samples per question through the evaluation prompts, scored by the rule
-reward (with a judge or the model's own verifier on request), summarised as unbiased pass@k.
+reward (with a judge or the model's own verifier on request), summarised as the paper reports (eval_metrics.py): mean@n and bootstrap best@k per question,
+with the unbiased pass@k beside them; per benchmark the mean over questions, "overall" the mean
+over benchmarks ("all" is the question-weighted mean).
 
 `python -m spell_core.eval` (spell_core/eval.py) is its command line; validation during training
 (spell_core/cli/validation.py) and `--compare` (compare.py) use it too.
@@ -9,24 +11,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from math import comb
 
 from spell_core.evaluation.benchmarks import EvalItem
+from spell_core.evaluation.eval_metrics import best_at_k, mean_at_n, mean_over_benchmarks, pass_at_k
 from spell_core.evaluation.eval_prompts import build_eval_prompt
 from spell_core.roles import (DOC_MC, TASK_TYPES, build_verifier_prompt, extract_answer, parse_verdict,
                               responder_reward, rule_reward, verifier_majority)
 from spell_core.evaluation.truncation import truncate_middle
 
 SELF_VERIFIER_LABEL = "max(rule reward, self-verifier majority) [the model under test grades itself]"
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
-    if not 0 <= c <= n:
-        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
-    if not 1 <= k <= n:
-        raise ValueError(f"pass@{k} needs 1 <= k <= n = {n} samples per question; lower k or raise --n")
-    return 1.0 - comb(n - c, k) / comb(n, k)
 
 
 def item_rule_reward(item: EvalItem, answer: str | None) -> float:
@@ -102,23 +95,32 @@ def evaluate(model, tokenizer, items: Sequence[EvalItem], *, n: int = 8, ks: Seq
         correct = sum(s == 1.0 for s in row_scores)
         record = {"id": item.id, "where": item.where, "type": item.task.task_type, "source": item.source, "n": n,
                   "correct": correct, "rule_correct": sum(r == 1.0 for r in row_rules), "answers": row_answers,
-                  "truncated_tokens": dropped[i], **{f"pass@{k}": pass_at_k(n, correct, k) for k in ks}}
+                  "truncated_tokens": dropped[i], f"mean@{n}": mean_at_n(row_scores),
+                  **{f"best@{k}": best_at_k(row_scores, k) for k in ks},
+                  **{f"pass@{k}": pass_at_k(n, correct, k) for k in ks}}
         if verdicts is not None:
             record["judge_verdicts"] = verdicts[i]
         per_question.append(record)
-    return {"summary": summarize(per_question, ks, "type"), "sources": summarize(per_question, ks, "source"),
-            "questions": per_question, "speed": speed, "scoring": scoring_label(judge, verifier),
+    sources = summarize(per_question, ks, "source")
+    return {"summary": summarize(per_question, ks, "type"), "sources": sources,
+            "overall": mean_over_benchmarks(sources, metric_names(n, ks)), "questions": per_question, "speed": speed, "scoring": scoring_label(judge, verifier),
             "truncation": {"prompt_budget": prompt_budget, "truncated_prompts": sum(d > 0 for d in dropped),
                            "dropped_tokens": sum(dropped)}}
 
 
+def metric_names(n: int, ks: Sequence[int]) -> list[str]:
+    return [f"mean@{n}", *(f"best@{k}" for k in ks), *(f"pass@{k}" for k in ks)]
+
+
 def summarize(per_question: list[dict], ks: Sequence[int], key: str = "type") -> dict:
-    """Mean pass@k per value of `key` (task types in their usual order) and over all questions."""
+    """Mean mean@n, best@k and pass@k per value of `key` (task types in their usual order)
+    and over all questions ("all", question-weighted)."""
     names = list(TASK_TYPES) if key == "type" else sorted({q[key] for q in per_question})
     groups = {name: [q for q in per_question if q[key] == name] for name in names}
     groups = {name: qs for name, qs in groups.items() if qs}
     groups["all"] = per_question
-    return {name: {"questions": len(qs), **{f"pass@{k}": sum(q[f"pass@{k}"] for q in qs) / len(qs) for k in ks}}
+    metrics = [m for m in metric_names(per_question[0]["n"], ks) if m in per_question[0]] if per_question else []
+    return {name: {"questions": len(qs), **{m: sum(q[m] for q in qs) / len(qs) for m in metrics}}
             for name, qs in groups.items()}
 
 
@@ -135,9 +137,8 @@ def _judge_scores(judge, items, outputs, answers, rules, generate, seed, kv_budg
         if item.task.task_type == DOC_MC:
             continue
         for j, answer in enumerate(row):
-            text = judged_text(out[j].text, answer)
-            if rules[i][j] < 1.0 and text is not None:
-                pending.append((i, j, text))
+            if rules[i][j] < 1.0:
+                pending.append((i, j, judged_text(out[j].text, answer)))
     with progress_bar("judge", len(pending), len(pending), enabled=progress) as hook:
         decisions = judge.verdicts([(items[i].task, text) for i, _, text in pending], generate=generate, seed=seed,
                                    kv_budget_tokens=kv_budget_tokens, progress=hook)
@@ -167,8 +168,10 @@ def _self_verifier_scores(model, tokenizer, items, answers, rules, generate, sam
 
 def format_table(summary: dict, ks: Sequence[int], label: str = "type") -> str:
     width = max([10, *(len(name) + 1 for name in summary)])
-    header = f"{label:<{width}} {'questions':>9} " + " ".join(f"{f'pass@{k}':>8}" for k in ks)
+    first = next(iter(summary.values()), {})
+    metrics = [m for m in first if m.startswith(("mean@", "best@"))] + [f"pass@{k}" for k in ks]
+    header = f"{label:<{width}} {'questions':>9} " + " ".join(f"{m:>8}" for m in metrics)
     rows = [header, "-" * len(header)]
     for name, row in summary.items():
-        rows.append(f"{name:<{width}} {row['questions']:>9} " + " ".join(f"{row[f'pass@{k}']:>8.3f}" for k in ks))
+        rows.append(f"{name:<{width}} {row['questions']:>9} " + " ".join(f"{row.get(m, 0.0):>8.3f}" for m in metrics))
     return "\n".join(rows)

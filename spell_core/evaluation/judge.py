@@ -1,13 +1,13 @@
 """An external judge model for the evaluation (`--judge-model`), as the method scores its benchmarks.
 
 The judge sees the question, the predicted answer and the ground truth (no documents) and
-ends its reply with [[YES]] or [[NO]] (parsed by `spell_core.roles.parse_verdict`: the last
-decision after any reasoning trace). It decodes greedily, once per answer. Only QA and math
-answers that the rule reward did not already count correct are judged (a judge can only
-raise a score: score = max(rule reward, verdict)); multiple choice is scored by its letter
-alone. An answer with no extractable final sentence goes to the judge as the end of the
-response (its last `UNPARSED_TAIL_CHARS` characters), as the method hands the whole response
-to its judge when extraction fails.
+ends its reply with [[YES]] or [[NO]]; as the released `eval/verify.py` reads it, the verdict
+is YES when the reply (after any reasoning trace) holds "YES" and no "NO". It decodes
+greedily (temperature 0), once per answer, up to 8192 new tokens by default (the released
+judge's setting). Only QA and math answers that the rule reward did not already count
+correct are judged (a judge can only raise a score: score = max(rule reward, verdict));
+multiple choice is scored by its letter alone. An answer with no extractable final sentence
+goes to the judge as the text "None", as the released scripts format a missing prediction.
 """
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from spell_core.roles import DOC_MC, Task, parse_verdict, render_prompt, strip_thinking
+from spell_core.roles import DOC_MC, Task, render_prompt, strip_thinking
 from spell_core.evaluation.truncation import truncate_middle
 
 JUDGE_PROMPT_BUDGET = 8192  # judge prompts longer than this are cut in the middle (the method's judge input limit)
-UNPARSED_TAIL_CHARS = 2000
+UNPARSED_ANSWER = "None"  # str(None): what the released scripts hand the judge for a missing answer
+JUDGE_MAX_NEW_TOKENS = 8192
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 _INSTRUCTIONS = (
@@ -47,15 +48,15 @@ def build_judge_prompt(tokenizer, task: Task, prediction: str, budget: int = JUD
     return truncate_middle(ids, budget)[0]
 
 
-def judged_text(response: str, extracted: str | None) -> str | None:
-    """What the judge grades: the extracted answer, else the end of the response's final part
-    (None when the response ends inside an unclosed <think>: nothing to grade)."""
-    if extracted is not None:
-        return extracted
-    final = strip_thinking(response)
-    if final is None or not final.strip():
-        return None
-    return final.strip()[-UNPARSED_TAIL_CHARS:]
+def judged_text(response: str, extracted: str | None) -> str:
+    """What the judge grades: the extracted answer, else "None" (as released)."""
+    return UNPARSED_ANSWER if extracted is None else extracted
+
+
+def parse_judge_verdict(text: str) -> bool:
+    """The released eval's reading of a judge reply: YES iff "YES" and no "NO" in its final part."""
+    final = strip_thinking(text)
+    return final is not None and "YES" in final and "NO" not in final
 
 
 @dataclass
@@ -64,19 +65,22 @@ class Judge:
     model: object
     tokenizer: object
     name: str
-    max_new_tokens: int = 1024
+    max_new_tokens: int = JUDGE_MAX_NEW_TOKENS
 
     def verdicts(self, pairs: Sequence[tuple[Task, str]], *, generate: Callable, seed: int = 0,
                  kv_budget_tokens: int | None = None, progress=None) -> list[bool | None]:
-        """True (YES), False (NO) or None (no decision) for each (task, predicted answer)."""
+        """True (YES) or False for each (task, predicted answer)."""
         if not pairs:
             return []
         budget = min(JUDGE_PROMPT_BUDGET, self.model.config.max_position_embeddings - self.max_new_tokens)
+        if budget < 64:
+            raise ValueError(f"--judge-max-new-tokens {self.max_new_tokens} leaves {budget} tokens of the judge's "
+                             f"context ({self.model.config.max_position_embeddings}) for its prompt: lower it")
         prompts = [build_judge_prompt(self.tokenizer, task, text, budget) for task, text in pairs]
         kwargs = {} if kv_budget_tokens is None else {"kv_budget_tokens": kv_budget_tokens}
         outputs = generate(self.model, self.tokenizer, prompts, n=1, max_new_tokens=self.max_new_tokens,
                            temperature=0.0, seed=seed, progress=progress, **kwargs)
-        return [parse_verdict(out[0].text) for out in outputs]
+        return [parse_judge_verdict(out[0].text) for out in outputs]
 
 
 def resolve_judge_model(name: str) -> Path:
@@ -100,7 +104,7 @@ def resolve_judge_model(name: str) -> Path:
                          "its folder") from None
 
 
-def load_judge(name: str, device: str, max_new_tokens: int = 1024) -> Judge:
+def load_judge(name: str, device: str, max_new_tokens: int = JUDGE_MAX_NEW_TOKENS) -> Judge:
     from spell_core.models.model import load_pretrained
 
     model, tokenizer = load_pretrained(resolve_judge_model(name), device=device)

@@ -9,8 +9,11 @@ must be upper-case A-D.
   "the answer is"; if none, after the last "answer is"; up to the end of that line, tidied
   (markdown bold, math delimiters, `\boxed{}`, a trailing period removed). When the phrase
   ends its line ("The correct answer is:" then the answer below), the next non-empty line.
-- doc_math: the content of the last `\boxed{...}` anywhere; otherwise the first number after
-  the last "answer is" (anywhere after it, not only on its line).
+- doc_math (as the released `docmath.parse_model_answer`): `*` removed; the content of the
+  last `\boxed{...}` anywhere; otherwise the number written directly after "answer is ",
+  bare or in brackets, optionally after symbols = ≈ ` % $ ° £ € ¥: the last such
+  "the answer is (X)", else the last "the answer is X", else "answer is (X)", else "answer
+  is X". "The answer is approximately 5" has no answer.
 - doc_mc: the letter of, in this order, the last `\boxed{X}`, the last "correct answer is
   (X)", the last "answer is X" (brackets and `**` allowed around X), or "(X)" ending the
   response.
@@ -25,7 +28,10 @@ from .text import boxed_contents, clean_answer, parse_number, strip_thinking
 # doc_qa phrases, most preferred first
 _QA_PHRASES = tuple(re.compile(p, re.IGNORECASE) for p in (
     r"the\s+correct\s+answer\s+is", r"the\s+answer\s+is", r"answer\s+is"))
-_ANSWER_IS = re.compile(r"answer\s+is", re.IGNORECASE)
+_NUMBER_AFTER = r"([=≈`%$°£€¥]*-?[0-9.,]+)"
+_MATH_PATTERNS = tuple(re.compile(p, re.IGNORECASE) for p in (
+    rf"the answer is \({_NUMBER_AFTER}\)", rf"the answer is {_NUMBER_AFTER}",
+    rf"answer is \({_NUMBER_AFTER}\)", rf"answer is {_NUMBER_AFTER}"))
 
 _LETTER = r"[(\[]?\s*([A-D])\s*[)\]]?"
 _MC_BOXED_CONTENT = re.compile(rf"^\s*{_LETTER}(?:[.:\s]|$)")
@@ -53,14 +59,16 @@ def _number_text(value: float) -> str:
 
 
 def _math_answer(text: str) -> str | None:
+    text = text.replace("*", "")
     boxes = [b.strip() for b in boxed_contents(text)]
     if boxes:
         return boxes[-1] or None
-    rest = _after_last(_ANSWER_IS, text)
-    if rest is None:
-        return None
-    value = parse_number(rest)
-    return None if value is None else _number_text(value)
+    for pattern in _MATH_PATTERNS:
+        matches = pattern.findall(text)
+        if matches:
+            value = parse_number(matches[-1].replace(",", "").rstrip("."))
+            return None if value is None else _number_text(value)
+    return None
 
 
 def _mc_answer(text: str) -> str | None:

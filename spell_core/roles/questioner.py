@@ -109,11 +109,12 @@ def parse_questioner_output(text: str, task_type: str, count_tokens: Callable[[s
 
     - Reasoning: everything up to the last `</think>` is dropped; an output with an unclosed
       `<think>` has no final part and is DISCARDED (no task, no penalty, no training signal).
-    - The last fenced block that parses as a JSON object is the task; none → BAD_FORMAT.
-    - BAD_FORMAT: `question` missing, not a string or empty; `answer` missing, mistyped
-      (a bool, list, object or null) or empty; for doc_mc `options` not an object with keys
-      exactly A, B, C, D and non-empty text values, or `answer` not one of A-D (case,
-      brackets and a trailing period ignored: "(b)" is B).
+    - The last ```json fenced block that parses as JSON is the task (or, without one, the
+      whole final text as JSON; `last_json_object`, as released); no JSON object → BAD_FORMAT.
+    - BAD_FORMAT (as the released parsers): `question` missing, not a string or empty;
+      `answer` missing or empty; a doc_qa or doc_mc `answer` that is not a string (a doc_math
+      answer may be a number); for doc_mc `options` not an object with keys exactly A, B, C, D
+      and non-empty text values, or `answer` not exactly one of "A", "B", "C", "D".
     - DISCARDED: a doc_math answer that is 0 or has no number in it; a doc_qa answer longer
       than `span_token_limit` tokens (`count_tokens` is required for doc_qa).
     """
@@ -127,7 +128,10 @@ def parse_questioner_output(text: str, task_type: str, count_tokens: Callable[[s
     question = data.get("question")
     if not isinstance(question, str) or not question.strip():
         return _bad("question missing, not a string or empty")
-    answer = _text_field(data.get("answer"))
+    raw_answer = data.get("answer")
+    if task_type != DOC_MATH and not isinstance(raw_answer, str):
+        return _bad(f"{task_type} answer must be a JSON string")
+    answer = _text_field(raw_answer)
     if not answer:
         return _bad("answer missing, mistyped or empty")
 
@@ -138,9 +142,9 @@ def parse_questioner_output(text: str, task_type: str, count_tokens: Callable[[s
         option_texts = {k: _text_field(options[k]) for k in CHOICE_LETTERS}
         if not all(option_texts.values()):
             return _bad("every option needs a non-empty text")
-        letter = answer.strip("()[]. ").upper()
+        letter = raw_answer
         if letter not in CHOICE_LETTERS:
-            return _bad("answer must be one of A, B, C, D")
+            return _bad("answer must be exactly one of A, B, C, D")
         return ParsedQuestion(Status.OK, Task(DOC_MC, question.strip(), letter, option_texts))
 
     if task_type == DOC_MATH:

@@ -1,5 +1,6 @@
 """Responder: the prompt (all documents of the cluster, then the question), the grounding
-prompt (the question alone); the answer extraction lives in answers.py."""
+prompt (the same template with the documents replaced by "Empty", as released); the answer
+extraction lives in answers.py."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -47,9 +48,13 @@ def build_responder_prompt(tokenizer, documents: Sequence, task: Task, *,
     return render_prompt(tokenizer, shared, "\n\n" + _question_block(task), template_kwargs=template_kwargs)
 
 
+NO_DOCUMENTS = "Empty"  # what the released grounding check puts where the documents go
+
+
 def build_grounding_prompt(tokenizer, task: Task, *, template_kwargs: dict | None = None) -> Prompt:
-    """The grounding check's prompt: the same question and answer format, no documents."""
-    return render_prompt(tokenizer, "", _question_block(task), template_kwargs=template_kwargs)
+    """The grounding check's prompt: the responder's prompt with the documents replaced by
+    the one word "Empty" (the released trainer's pre-filter)."""
+    return build_responder_prompt(tokenizer, [NO_DOCUMENTS], task, template_kwargs=template_kwargs)
 
 
 def answered_without_documents(task: Task, grounding_output: str) -> bool:

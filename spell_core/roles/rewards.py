@@ -32,11 +32,18 @@ def _close(p: float, r: float, rel_tol: float) -> bool:
     return abs(p - r) <= rel_tol * abs(r) + 1e-12 * max(abs(p), abs(r))
 
 
+def ceil_3_decimals(x: float) -> float:
+    """The released `round_up_to_decimal(x, 3)`: ceil(x * 1000) / 1000."""
+    return math.ceil(x * 1000) / 1000
+
+
 def numbers_match(p: float, r: float, rel_tol: float = REL_TOL) -> bool:
-    """p equals r within `rel_tol` relative, or after rounding both to 3 decimals, or up
-    to a factor 100, 1e3, 1e6 or 1e9 either way (the scaled comparison uses the same
-    relative tolerance: 0.07 x 100 is 7.000000000000001 in floating point)."""
-    if _close(p, r, rel_tol) or round(p, 3) == round(r, 3):
+    """p equals r within `rel_tol` relative, or when the absolute values agree after
+    rounding up to 3 decimals (as released: ceil(|x| * 1000) / 1000, so 2.0004 and 2.0009
+    match and, as released, so do -2 and 2), or up to a factor 100, 1e3, 1e6 or
+    1e9 either way (the scaled comparison uses the same relative tolerance: 0.07 x 100 is
+    7.000000000000001 in floating point)."""
+    if _close(p, r, rel_tol) or ceil_3_decimals(abs(p)) == ceil_3_decimals(abs(r)):
         return True
     return any(_close(p * f, r, rel_tol) or _close(p, r * f, rel_tol) for f in SCALE_FACTORS)
 
@@ -76,19 +83,26 @@ def rule_reward(task: Task, prediction: str | None, *, rel_tol: float = REL_TOL)
 
 
 def verifier_majority(verdicts: Sequence[bool | None]) -> int | None:
-    """v_i from the G verdicts on one answer (True = YES, False = NO, None = unparsable):
-    1 if more than G/2 say YES, 0 if more than G/2 say NO, otherwise None (undecided).
-    Unparsable verdicts count in G, so they make a majority harder to reach."""
-    g = len(verdicts)
-    if g == 0:
+    """v_i from the G verdicts on one answer (True = YES, False = NO, None = unparsable): the
+    plurality of YES / NO / unparsable, a tie going to the outcome seen first (the released
+    trainer's `Counter(...).most_common()[0]`). 1 for YES, 0 for NO; None when unparsable
+    wins (the responder then keeps its rule reward) or there are no verdicts."""
+    counts: dict = {}
+    for verdict in verdicts:
+        counts[verdict] = counts.get(verdict, 0) + 1
+    if not counts:
         return None
-    yes = sum(v is True for v in verdicts)
-    no = sum(v is False for v in verdicts)
-    if 2 * yes > g:
-        return 1
-    if 2 * no > g:
-        return 0
-    return None
+    winner = max(counts, key=counts.get)  # max keeps the first of equal counts: first seen
+    return None if winner is None else int(winner)
+
+
+def verifier_agreement(verdicts: Sequence[bool | None], majority: int | None) -> float:
+    """Share of the parsable judgments that agree with the majority (the released trainer's
+    mean over parsable judgments); 0 when the majority is undecided or nothing parsed."""
+    parsable = [v for v in verdicts if v is not None]
+    if majority is None or not parsable:
+        return 0.0
+    return sum(int(v) == majority for v in parsable) / len(parsable)
 
 
 def verifier_rewards(verdicts: Sequence[bool | None], majority: int | None) -> list[float]:

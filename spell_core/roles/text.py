@@ -30,20 +30,24 @@ def strip_thinking(text: str) -> str | None:
 
 # --- fenced JSON --------------------------------------------------------------------------
 
-# An opening fence with an optional language tag, the body, the closing fence.
-_FENCED_BLOCK = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n?(.*?)```", re.DOTALL)
+_JSON_FENCE = re.compile(r"```json(.*?)```", re.DOTALL)
 
 
 def last_json_object(text: str) -> dict | None:
-    """The last fenced code block of `text` whose body parses as a JSON object, or None."""
-    for match in reversed(list(_FENCED_BLOCK.finditer(text))):
+    """The task object of a questioner output, as the released `get_record` reads it: the
+    last ```json fenced block (the tag is required, lower case) whose body parses as JSON;
+    without one, the whole text as JSON. None unless the result is a JSON object."""
+    for match in reversed(list(_JSON_FENCE.finditer(text))):
         try:
-            value = json.loads(match.group(2))
+            value = json.loads(match.group(1).strip())
         except ValueError:
             continue
-        if isinstance(value, dict):
-            return value
-    return None
+        return value if isinstance(value, dict) else None
+    try:
+        value = json.loads(text.strip())
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 # --- cleaning an extracted answer -----------------------------------------------------------

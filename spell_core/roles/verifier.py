@@ -2,8 +2,6 @@
 documents) and the parser of its `[[YES]]` / `[[NO]]` decision."""
 from __future__ import annotations
 
-import re
-
 from .chat import Prompt, render_prompt
 from .responder import render_question
 from .rewards import REL_TOL
@@ -38,20 +36,21 @@ def build_verifier_prompt(tokenizer, task: Task, answer: str, *, template_kwargs
     return render_prompt(tokenizer, _INTRO.rstrip("\n"), "\n\n" + specific, template_kwargs=template_kwargs)
 
 
-_DECISION = re.compile(r"\[\[\s*(YES|NO)\s*\]\]", re.IGNORECASE)
-
-
 def parse_verdict(text: str) -> bool | None:
-    """True for YES, False for NO, None when unparsable.
+    """True for YES, False for NO, None when unparsable, as the method's released trainer
+    reads a verdict (case-sensitive, on the part after the reasoning trace):
 
-    The decision is the last `[[YES]]` or `[[NO]]` (any case, spaces inside the brackets
-    allowed) after the reasoning trace; text after it (a period, a closing sentence) is
-    tolerated, a decision written only inside an unclosed `<think>` is not.
+    - YES when `[[YES]]` is there without `[[NO]]`, or a bare YES without any NO;
+    - NO when `[[NO]]` is there without `[[YES]]`, or a bare NO without any YES;
+    - otherwise (both present, neither, or an unclosed `<think>`) unparsable.
+
+    Substrings count ("NOT" holds a NO), as released.
     """
     final = strip_thinking(text)
     if final is None:
         return None
-    matches = _DECISION.findall(final)
-    if not matches:
-        return None
-    return matches[-1].upper() == "YES"
+    if ("[[YES]]" in final and "[[NO]]" not in final) or ("YES" in final and "NO" not in final):
+        return True
+    if ("[[NO]]" in final and "[[YES]]" not in final) or ("NO" in final and "YES" not in final):
+        return False
+    return None

@@ -5,10 +5,13 @@
 
 A step runs generation rounds until N responder groups with non-zero reward variance are
 collected (or `max_rounds` is reached). Each round:
-  1. `questions` (cluster, task type) pairs drawn with equal weights; the questioner sees the
-     documents the history memory selects and the remembered questions;
+  1. `questions` (cluster, task type) pairs, the same number per task type, each type's
+     clusters drawn without replacement from its share of its source (`task_mix.py`, as
+     released); the questioner sees the documents the history memory selects and the
+     remembered questions;
   2. questioner, 1 sample each -> parse: bad_format (penalised), discarded (dropped);
-  3. grounding: the question alone, 1 sample; rule reward 1 -> bad_ground (penalised);
+  3. grounding: the responder prompt with the documents replaced by "Empty", 1 sample; rule
+     reward 1 -> bad_ground (penalised);
   4. responder: G samples over ALL documents of the cluster (one prompt, so one prefill);
   5. verifier: G judgments of every parsable answer (question, answer, reference);
   6. rewards (roles/rewards.py) and the history memory update.
@@ -35,6 +38,7 @@ from spell_core.roles import (TASK_TYPES, Status, answered_without_documents, bu
                               parse_questioner_output, parse_verdict, questioner_reward, responder_reward, rule_reward,
                               thinking_template_kwargs, token_counter, verifier_majority, verifier_rewards)
 from spell_core.selfplay.rollout import Question, ResponderGroup, Sample, VerifierGroup
+from spell_core.selfplay.task_mix import TaskMix
 from spell_core.selfplay.selection import (kept_responder_groups, select_questions, select_verifier_groups,
                                   verifier_candidates)
 
@@ -75,6 +79,7 @@ class SelfPlay:
         self.memory = HistoryMemory(self.options.memory_capacity, self.options.new_documents,
                                     self.options.memory_admission)
         self.rng = random.Random(config.seed)
+        self.task_mix = TaskMix(self.clusters, random.Random(f"task-mix-{config.seed}"))
         self.steps_done = 0
         self._generate_fn = generate
         self.observer = observer or _NoProgress()
@@ -92,13 +97,17 @@ class SelfPlay:
         """JSON-able: the history memory, the random generator and the step count."""
         version, internal, gauss = self.rng.getstate()
         return {"memory": self.memory.to_dict(), "rng": [version, list(internal), gauss],
-                "steps_done": self.steps_done}
+                "steps_done": self.steps_done, "task_mix": self.task_mix.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.memory = HistoryMemory.from_dict(state["memory"])
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.steps_done = int(state["steps_done"])
+        saved = state.get("task_mix")
+        # checkpoints from before the per-task split, or over other clusters, keep the fresh split
+        if saved and all(cid in self.task_mix.by_id for ids in saved["pools"].values() for cid in ids):
+            self.task_mix.load_state_dict(saved)
 
     # --- the step --------------------------------------------------------------------------
 
@@ -131,9 +140,7 @@ class SelfPlay:
     def _ask(self, round_index: int, stats: "_StepStats") -> tuple[list[Question], dict]:
         """Questioner: one sample per (cluster, task type) drawn; parsed into tasks."""
         picks, shown, prompts = [], [], []
-        for _ in range(self.options.questions):
-            cluster = self.rng.choice(self.clusters)
-            task_type = self.rng.choice(tuple(getattr(cluster, "tasks", TASK_TYPES)))  # equal weight
+        for cluster, task_type in self.task_mix.draw(self.options.questions):
             documents = self.memory.select_documents(cluster, task_type, self.rng)
             history = self.memory.entries(cluster.id, task_type)
             prompt = build_questioner_prompt(self.tokenizer, documents, task_type, history,

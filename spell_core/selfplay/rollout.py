@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from spell_core.roles import Status, Task
+from spell_core.roles.rewards import verifier_agreement
 
 
 @dataclass
@@ -51,10 +52,8 @@ class VerifierGroup:
 
     @property
     def agreement(self) -> float:
-        """Share of the judgments that agree with the majority (0 when undecided)."""
-        if self.majority is None:
-            return 0.0
-        return sum(v is not None and int(v) == self.majority for v in self.verdicts) / len(self.verdicts)
+        """Share of the parsable judgments that agree with the majority (0 when undecided)."""
+        return verifier_agreement(self.verdicts, self.majority)
 
 
 @dataclass

@@ -3,11 +3,15 @@ and verifier groups of a step become training data.
 
 - Responder: groups whose rewards are not all equal, the first N of them.
 - Questioner, per task type: the questions behind the kept responder groups (positives) plus
-  `negatives_ratio` × as many negatives (bad_format, bad_ground, or a responder group with
-  zero variance), drawn at random. Discarded questions never train.
+  floor(`negatives_ratio` × their number) negatives (bad_format, bad_ground, or a responder
+  group with zero variance), drawn at random; a task short of negatives hands its shortfall
+  on to the next task (the released trainer's order: most positives first). Discarded
+  questions never train.
 - Verifier: groups judging an answer whose verifier majority equals its rule reward, with
-  the share of judgments agreeing with the majority in [low, high]; whole groups drawn at
-  random so that the verifier's trajectories ≈ `share` × questioner positives.
+  the share of parsable judgments agreeing with the majority in [low, high]; exactly
+  floor(`share` × questioner positives / G) whole groups drawn at random (16 at SPEC scale:
+  1024 responder trajectories × 0.125 / 8), none at all when fewer candidates exist (as
+  released: that step trains no verifier).
 """
 from __future__ import annotations
 
@@ -17,10 +21,6 @@ from collections.abc import Sequence
 
 from spell_core.roles import TASK_TYPES, Status
 from spell_core.selfplay.rollout import Question, VerifierGroup
-
-
-def _round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
 
 
 def _sample_in_order(items: Sequence, k: int, rng: random.Random) -> list:
@@ -42,19 +42,28 @@ def is_negative(question: Question) -> bool:
 
 def select_questions(questions: Sequence[Question], kept: Sequence[Question], negatives_ratio: float,
                      rng: random.Random) -> tuple[list[Question], list[Question]]:
-    """(positives, negatives) of the questioner: per task type, the kept questions and
-    round(negatives_ratio × their number) negatives of the same type drawn at random
-    (fewer when there are not that many)."""
+    """(positives, negatives) of the questioner. Tasks are visited as the released trainer
+    visits them, most positives first (ties: the task whose first positive came first);
+    each takes floor(negatives_ratio × its positives) + the previous task's shortfall
+    negatives of its own type, drawn at random; when it has fewer, it takes them all and
+    the shortfall moves on. A task with no positive takes no negatives."""
     if negatives_ratio < 0:
         raise ValueError(f"negatives_ratio must be >= 0, got {negatives_ratio}")
     kept_ids = {q.id for q in kept}
-    positives, negatives = [], []
-    for task_type in TASK_TYPES:
-        pos = [q for q in questions if q.task_type == task_type and q.id in kept_ids]
+    positives = [q for q in questions if q.id in kept_ids]
+    counts: dict[str, int] = {}
+    for q in positives:
+        counts[q.task_type] = counts.get(q.task_type, 0) + 1
+    order = sorted(counts, key=lambda t: -counts[t])  # stable: first seen wins a tie
+    negatives, carry = [], 0
+    for task_type in order:
         pool = [q for q in questions if q.task_type == task_type and q.id not in kept_ids and is_negative(q)]
-        k = min(len(pool), _round_half_up(negatives_ratio * len(pos)))
-        positives += pos
+        wanted = math.floor(negatives_ratio * counts[task_type]) + carry
+        k = min(wanted, len(pool))
+        carry = wanted - k
         negatives += _sample_in_order(pool, k, rng)
+    by_type = {t: i for i, t in enumerate(TASK_TYPES)}
+    positives.sort(key=lambda q: by_type[q.task_type])
     return positives, negatives
 
 
@@ -66,10 +75,12 @@ def verifier_candidates(groups: Sequence[VerifierGroup], low: float = 0.51, high
 
 def select_verifier_groups(candidates: Sequence[VerifierGroup], target_trajectories: float,
                            rng: random.Random) -> list[VerifierGroup]:
-    """Whole groups drawn at random so that their judgments number about `target_trajectories`:
-    round(target / G) groups, at least one when the target is positive, at most all."""
+    """floor(target / G) whole groups drawn at random; none when there are fewer candidates
+    than that (the released trainer then skips the verifier update for the step)."""
     if not candidates or target_trajectories <= 0:
         return []
     group_size = len(candidates[0].samples)
-    k = min(len(candidates), max(1, _round_half_up(target_trajectories / group_size)))
+    k = math.floor(target_trajectories / group_size + 1e-9)
+    if k > len(candidates):
+        return []
     return _sample_in_order(candidates, k, rng)

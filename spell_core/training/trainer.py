@@ -15,9 +15,12 @@ error. Only response tokens train: the hidden row that predicts response token j
 row before it, which for j = 0 in a group is the prompt's last row, shared by every
 response of the group (gathering it k times makes autograd sum its k gradients).
 
-One step = gradient accumulation over the micro-batches with `global_count` = every
-response token of the step (the token-mean is over all roles' tokens together, exact
-across micro-batches), global L2 gradient clipping, AdamW. A non-finite loss or gradient
+One step = gradient accumulation over the micro-batches, each token weighted by
+`TrainerOptions.agg` (`--loss-agg`, spell_core/training/loss_weights.py): "released" (the default:
+the released trainer's per-micro-batch token-means, rebuilt independently of our own
+micro-batches), "token-mean" (`global_count` = every response token of the step: one mean
+over all roles' tokens together) or "seq-mean-token-mean", exact across micro-batches;
+global L2 gradient clipping, AdamW. A non-finite loss or gradient
 skips the update, an update that leaves a weight non-finite is rolled back (spell_core/common/guards.py;
 both reported in the metrics). CUDA runs the decoder under bf16 autocast (the
 log-probs in the LM head's dtype); CPU runs in the model's dtype.
@@ -61,7 +64,7 @@ class TrainerOptions:
     clip_low: float = 0.2  # ratio clip 1 - 0.2 .. 1 + 0.2 (the released scripts)
     clip_high: float = 0.2
     dual_clip: float | None = 3.0  # for A < 0 the loss is at most -A * 3 (dual clip); None: off
-    agg: str = "token-mean"  # over all roles' tokens together (DAPO); see spell_kernels.policy_loss
+    agg: str = "released"  # --loss-agg: released | token-mean | seq-mean-token-mean (spell_core/training/loss_weights.py)
     temperature: float = 0.7  # the sampling temperature: log-probs are scored at the one they were sampled at
     micro_batch_tokens: int = 32768  # packed tokens per forward/backward pass
     gradient_checkpointing: bool = False
@@ -220,8 +223,12 @@ class Trainer:
         self._cp = topology.cp if topology is not None else 1
         if self._distributed:
             shard_model(model, topology)  # before the optimizer: it must hold the sharded parameters
-        if options.agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
-            raise ValueError(f"agg={options.agg!r}: expected token-mean, seq-mean-token-mean or seq-mean-token-sum")
+        if options.agg not in ("released", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+            raise ValueError(f"agg={options.agg!r} (--loss-agg): expected released, token-mean, seq-mean-token-mean "
+                             "or seq-mean-token-sum")
+        if options.agg == "released" and (self._distributed or self._cp > 1):
+            raise ValueError("--loss-agg released is implemented for one process; with several ranks or --cp use "
+                             "--loss-agg token-mean or seq-mean-token-mean")
         if not options.temperature > 0:
             raise ValueError(f"temperature must be > 0 (the sampling temperature), got {options.temperature}")
         model.gradient_checkpointing = options.gradient_checkpointing
@@ -283,7 +290,14 @@ class Trainer:
                                            self.device, self.quadratic_weight)
         self._check_token_ids(trajectories, micro_batches)
         metrics = _count_metrics(trajectories, micro_batches)
-        if opts.agg == "token-mean":
+        self._released_weights = None
+        if opts.agg == "released":
+            from spell_core.training import loss_weights
+            self._released_weights = torch.tensor(loss_weights.trajectory_token_weights(
+                [len(t.prompt_ids) for t in trajectories], [len(t.response_ids) for t in trajectories], "released",
+                loss_weights.RELEASED_MAX_TOKEN_LEN), dtype=torch.float64)
+            global_count = 1  # not used: the weights are explicit
+        elif opts.agg == "token-mean":
             global_count = metrics["tokens_trained"]
         else:
             global_count = sum(len(mb.trajectories) for mb in micro_batches)
@@ -344,13 +358,20 @@ class Trainer:
             hidden = self.model.forward_hidden(mb.input_ids, mb.layout.cu_seqlens, mb.layout.position_ids,
                                                attn=attn)
         weight = self.model.lm_head_weight
+        advantages, agg = mb.advantages, opts.agg
+        if opts.agg == "released":
+            # w_t folded into the advantages (the PPO-clip loss is positively homogeneous in A), summed
+            # with global_count 1: loss = sum_t w_t loss_t, as context_parallel does for seq-mean
+            lengths = (mb.resp_cu_seqlens[1:] - mb.resp_cu_seqlens[:-1]).long().cpu()
+            weights = torch.repeat_interleave(self._released_weights[mb.trajectories], lengths)
+            advantages, agg = mb.advantages * weights.to(mb.advantages.device, mb.advantages.dtype), "token-mean"
         # log-probs in the head's own precision, outside autocast: the PPO ratio compares them with
         # the sampler's, and bf16 logits (3 significant digits) would move it by a good part of the clip
         loss, mb_stats = spell_kernels.policy_loss(
             hidden[mb.pred_rows].to(weight.dtype), weight, mb.targets,
-            mb.old_logprobs if opts.use_sampler_logprobs else None, mb.advantages,
+            mb.old_logprobs if opts.use_sampler_logprobs else None, advantages,
             torch.ones_like(mb.targets, dtype=torch.bool), clip_low=opts.clip_low, clip_high=opts.clip_high,
-            dual_clip=opts.dual_clip, agg=opts.agg, temperature=opts.temperature,
+            dual_clip=opts.dual_clip, agg=agg, temperature=opts.temperature,
             return_entropy=opts.entropy, cu_seqlens=mb.resp_cu_seqlens, global_count=global_count)
         return loss, mb_stats
 

@@ -70,6 +70,8 @@ def role_of(prompt_text: str) -> str:
         return "questioner"
     if "You are grading an answer" in prompt_text:
         return "verifier"
+    if "<document>\nEmpty\n</document>" in prompt_text:  # the released grounding check: documents -> "Empty"
+        return "grounding"
     if "<document>" in prompt_text:
         return "responder"
     return "grounding"

@@ -48,7 +48,12 @@ def test_doc_qa_unparsable(text):
     ("The answer is \\boxed{7}. Wait, no: \\boxed{8}", "8"),  # the last box
     ("So \\boxed{3}.\nTherefore, the answer is 4", "3"),  # a box anywhere beats the sentence
     ("Therefore, the answer is $1,234.5 million, up 3%", "1234.5"),  # the first number after the phrase
-    ("The answer is 2? No. Therefore, the answer is\n-7.25 dollars", "-7.25"),  # after the LAST phrase
+    # released patterns need "answer is" + one space + the number: the newline case has none, so "2"
+    ("The answer is 2? No. Therefore, the answer is\n-7.25 dollars", "2"),
+    ("The answer is 2? No. Therefore, the answer is -7.25 dollars", "-7.25"),  # the last match
+    ("The answer is approximately 5", None),  # not directly after "answer is" (was 5)
+    ("The answer is (12.5). Earlier I said the answer is 3", "12.5"),  # "(X)" patterns first (was 3)
+    ("Therefore, the answer is **42**", "42"),  # `*` removed first
     ("Therefore, the answer is 42", "42"),
     ("\\boxed{\\frac{3}{4}}", "\\frac{3}{4}"),
     ("<think>\\boxed{1}</think>Therefore, the answer is 2", "2"),  # reasoning dropped first

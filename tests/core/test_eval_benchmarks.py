@@ -128,7 +128,8 @@ def test_fields_become_tasks_and_documents(tmp_path):
     assert lb.references == ("Big Ben", "the Great Bell") and lb.source == "hotpotqa" and lb.id == "hq-1"
     dm = load_eval_data(write(tmp_path / "c.jsonl", CASES["docmath"][0], "jsonl"))[0]
     assert dm.task.answer == "12.5" and dm.id == "dm-1"
-    assert dm.documents == ("Revenue was 10 million.\nCosts were 2.5 million.\n\n" + TABLE,)
+    # released eval: the paragraphs joined by newlines, the tables left out (we used to append them)
+    assert dm.documents == ("Revenue was 10 million.\nCosts were 2.5 million.",)
     fr = load_eval_data(write(tmp_path / "d.json", CASES["frames"][0], "json"))[0]
     assert fr.documents == ("London\nLondon is the capital.", "River Thames\nThe Thames flows through London.")
     assert fr.task.answer == "Thames" and fr.id == "7"
@@ -140,8 +141,19 @@ def test_mc_prompt_lists_choices_longbench_v2_style(tmp_path, tokenizer):
     item = load_eval_data(write(tmp_path / "a.json", CASES["longbench-v2"][0], "json"))[0]
     text = build_eval_prompt(tokenizer, item.documents, item.task).text
     assert "Choices:\n(A) Ann\n(B) Bob\n(C) Cat\n(D) Dan" in text
-    assert text.index("<text>\nAnn keeps the key") < text.index("Question: Who keeps the key?")
+    assert text.index("Ann keeps the key") < text.index("Question: Who keeps the key?")
     assert "The correct answer is" in text
+
+
+@pytest.mark.parametrize("fmt", ["longbench-v2", "longbench", "docmath", "frames"])
+def test_eval_prompt_is_the_training_responder_prompt(tmp_path, tokenizer, fmt):
+    """Released: evaluation uses the training responder templates word for word."""
+    from spell_core.evaluation.eval_prompts import build_eval_prompt
+    from spell_core.roles import build_responder_prompt
+
+    item = load_eval_data(write(tmp_path / "a.json", CASES[fmt][0], "json"))[0]
+    assert (build_eval_prompt(tokenizer, item.documents, item.task).input_ids
+            == build_responder_prompt(tokenizer, list(item.documents), item.task).input_ids)
 
 
 def test_unknown_shape_lists_every_format_and_its_fields(tmp_path):
@@ -236,11 +248,11 @@ def test_judge_raises_qa_and_math_scores_never_multiple_choice(tmp_path, tokeniz
                       generate=generate, progress=False)
     qa, math, mc = result["questions"]
     # rule-correct samples are not judged; the unparsable "I do not know" and "... is two" (no number
-    # for math extraction) go as the response's end
-    assert sorted(judged) == sorted(["a lamp", "a torch", "I do not know", "Therefore, the answer is two", "5", "5"])
+    # for math extraction) go as "None", as the released scripts format a missing prediction
+    assert sorted(judged) == sorted(["a lamp", "a torch", "None", "None", "5", "5"])
     assert (qa["rule_correct"], qa["correct"]) == (1, 2)  # lantern by rule, "a lamp" by the judge
-    assert qa["judge_verdicts"] == ["rule", True, None, False]
-    assert (math["rule_correct"], math["correct"]) == (1, 2)  # 2 by rule, "two" by the judge
+    assert qa["judge_verdicts"] == ["rule", True, False, False]  # "Hmm." has no YES: 0, as released
+    assert (math["rule_correct"], math["correct"]) == (1, 1)  # 2 by rule; "two" reached the judge as None
     assert mc["correct"] == 0 and mc["judge_verdicts"] == ["letter"] * 4
     assert "judge scripted-judge" in result["scoring"]
 
@@ -251,12 +263,12 @@ def test_judge_and_self_verifier_are_exclusive(tokenizer):
                  judge=Judge(STUB_MODEL, tokenizer, "j"), generate=lambda *a, **k: [], progress=False)
 
 
-def test_judge_decodes_greedily_once_cuts_its_prompt_in_the_middle_and_grades_an_unparsed_tail(tmp_path, tokenizer):
+def test_judge_decodes_greedily_once_cuts_its_prompt_in_the_middle_and_is_sent_none_for_an_unparsed_answer(tmp_path, tokenizer):
     """What the judge's `generate` is called with, checked on the call itself: one greedy sample
     (n=1, temperature 0) of max_new_tokens, the evaluation's seed; a prompt longer than 8,192
     tokens sent as its first 4,096 and last 4,096 tokens (a judge whose context is 4,096 with
-    1,024 new tokens: 3,072 = 1,536 + 1,536); an answer with no final sentence graded by the last
-    2,000 characters of the response."""
+    1,024 new tokens: 3,072 = 1,536 + 1,536); an answer with no final sentence sent as "None", as
+    the released scripts send str(None) (docs/fidelity.md)."""
     from spell_core.evaluation.judge import build_judge_prompt
     from spell_core.roles import Task
 
@@ -283,8 +295,8 @@ def test_judge_decodes_greedily_once_cuts_its_prompt_in_the_middle_and_grades_an
     prompts, kwargs = calls[1]
     assert prompts[0] == full[:1536] + full[-1536:] and kwargs["kv_budget_tokens"] == 5000
 
-    # through the evaluation: a 3,500-character response without "The answer is": its last 2,000
-    # characters ("b" x 2,000, not one "a") are what the judge reads as the predicted answer
+    # through the evaluation: a 3,500-character response without "The answer is": the judge reads
+    # "None" as the predicted answer, none of the response
     items = load_eval_data(write(tmp_path / "q.jsonl", [{"context": "c", "question": "What hangs by the door?",
                                                           "answer": "lantern", "type": "doc_qa"}], "jsonl"))
     answered = scripted_generate(lambda *a: "a" * 1500 + "b" * 2000)
@@ -299,5 +311,5 @@ def test_judge_decodes_greedily_once_cuts_its_prompt_in_the_middle_and_grades_an
                       progress=False)
     (prompts, kwargs), = calls
     text = tokenizer.decode(prompts[0])
-    assert "Predicted answer: " + "b" * 2000 + "\n" in text and "aaaa" not in text
+    assert "Predicted answer: None\n" in text and "aaaa" not in text and "bbbb" not in text
     assert result["questions"][0]["judge_verdicts"] == [True]

@@ -116,7 +116,9 @@ def test_run_evaluates_at_step_zero_and_every_n_steps(tmp_path, monkeypatch, cap
                                   "type": "doc_math"}) + "\n")
 
     def script(role, text, i, j, rng):
-        if "<text>" in text:  # an evaluation prompt: QA always right, math right for the first sample only
+        # an evaluation prompt (the responder's template, so told apart by its question): QA always
+        # right, math right for the first sample only
+        if "Question: What hangs there?" in text or "Question: How many doors?" in text:
             return "The answer is lantern" if "What hangs" in text else f"Therefore, the answer is {2 + j}"
         return random_play(role, text, i, j, rng)
 

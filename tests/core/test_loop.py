@@ -64,9 +64,9 @@ VERDICTS = {
     (5, "torch"): ["NO"] * G,
     (6, "lantern"): ["YES"] * G,  # agreement 1.0 > 0.99: not trained
     (6, "candle"): ["YES", "YES", "YES", "NO"],  # majority 1 but rule 0: not trained; raises r to 1
-    (6, "torch"): ["NO", "NO", None, "NO"],  # majority 0 = rule, agreement 0.75: candidate
+    (6, "torch"): ["NO", "NO", None, "YES"],  # majority 0 = rule, agreement 2/3 over parsable: candidate
     (7, "lantern"): ["YES", "YES", "YES", "NO"],  # majority 1 = rule, agreement 0.75: candidate
-    (7, "candle"): ["YES", "YES", "NO", "NO"],  # tie: undecided -> r = rule = 0
+    (7, "candle"): [None, None, "YES", "NO"],  # plurality unparsable (2) -> r = rule = 0
     (7, "torch"): ["NO"] * G,
 }
 
@@ -113,7 +113,7 @@ def by_role(result, role):
 
 def test_statuses_rewards_and_what_trains(tiny, doc_qa_only):
     calls = []
-    play, result = run_scenario(tiny, calls)
+    play, result = run_scenario(tiny, calls, verifier_share=2.0)
     q = {int(x.id.rsplit("q", 1)[1]): x for x in result.questions}
     assert [q[i].status for i in range(8)] == [Status.BAD_FORMAT, Status.BAD_FORMAT, Status.BAD_GROUND,
                                                 Status.DISCARDED] + [Status.OK] * 4
@@ -122,7 +122,7 @@ def test_statuses_rewards_and_what_trains(tiny, doc_qa_only):
     assert q[5].responder.rewards == [0.0] * 4 and q[5].reward == 0.0
     # case 6: the verifier's YES majority lifts "candle" to 1 (r = max(rule, v))
     assert q[6].responder.rule_rewards == [1, 1, 0, 0] and q[6].responder.rewards == [1, 1, 1, 0]
-    # case 7: a tie leaves "candle" at its rule reward; the unparsable answer is never judged
+    # case 7: an unparsable plurality leaves "candle" at its rule reward; the unparsable answer is never judged
     assert q[7].responder.rewards == [1, 0, 0, 0] and len(q[7].verifiers) == 3
     assert q[6].reward == pytest.approx(gaussian(0.75)) == pytest.approx(0.3247, abs=1e-4)
     assert q[7].reward == pytest.approx(gaussian(0.25))
@@ -149,11 +149,11 @@ def test_statuses_rewards_and_what_trains(tiny, doc_qa_only):
     assert all(t.group in negative_pool and t.reward == negative_pool[t.group] for t in negatives)
     assert [t.advantage for t in questioner] == pytest.approx(zscores([t.reward for t in questioner]))
 
-    # verifier: candidates are (6, torch) and (7, lantern); target = 2 positives -> round(2/4) -> 1 group
+    # verifier: candidates are (6, torch) and (7, lantern); target = 2.0 x 2 positives -> floor(4/4) = 1 group
     verifier = by_role(result, "verifier")
     assert len(verifier) == G and len({t.group for t in verifier}) == 1
     assert verifier[0].group in (f"ver:{q[6].id}:3", f"ver:{q[7].id}:0")
-    expected = [1.0, 1.0, -1.0, 1.0] if verifier[0].group.endswith(":3") else [1.0, 1.0, 1.0, 0.0]
+    expected = [1.0, 1.0, -1.0, 0.0] if verifier[0].group.endswith(":3") else [1.0, 1.0, 1.0, 0.0]
     assert [t.reward for t in verifier] == expected
     assert [t.advantage for t in verifier] == pytest.approx(zscores(expected))
 
@@ -243,9 +243,13 @@ def test_paper_memory_admission_keeps_only_intermediate_rewards(tiny, doc_qa_onl
 def test_negatives_ratio_and_verifier_share_are_honoured(tiny, doc_qa_only):
     _, result = run_scenario(tiny, negatives_ratio=1.5, verifier_share=4.0)
     questioner = by_role(result, "questioner")
-    assert len(questioner) == 2 + 3  # round(1.5 x 2) negatives
+    assert len(questioner) == 2 + 3  # floor(1.5 x 2) negatives
     verifier = by_role(result, "verifier")
     assert len({t.group for t in verifier}) == 2  # target 8 trajectories = both candidate groups
+    _, result = run_scenario(tiny, verifier_share=1.0)  # floor(2 / 4) = 0 groups at the default share
+    assert by_role(result, "verifier") == []
+    _, result = run_scenario(tiny, verifier_share=6.0)  # 3 groups wanted, 2 candidates: none (as released)
+    assert by_role(result, "verifier") == []
     _, result = run_scenario(tiny, negatives_ratio=10.0, verifier_share=0.0)
     assert len(by_role(result, "questioner")) == 2 + 5  # the pool holds 5 negatives
     assert by_role(result, "verifier") == []

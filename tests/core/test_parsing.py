@@ -50,19 +50,33 @@ def test_last_valid_json_block_wins():
 def test_invalid_json_after_valid_block_falls_back_to_the_valid_one():
     good = fenced('{"question": "first?", "answer": "one"}')
     broken = fenced('{"question": "second?", "answer": }')
-    not_object = fenced('["a list", "not an object"]')
-    parsed = parse_questioner_output(f"{good}\n{broken}\n{not_object}", DOC_QA, words)
+    parsed = parse_questioner_output(f"{good}\n{broken}", DOC_QA, words)
     assert parsed.status == Status.OK and parsed.task.answer == "one"
 
 
-def test_fence_without_language_tag_is_accepted():
-    assert parse_questioner_output(fenced(QA, tag=""), DOC_QA, words).status == Status.OK
+def test_last_parsable_json_block_that_is_not_an_object_is_bad_format():
+    """Released `get_record`: the last ```json block that parses is the record; a list there is {}."""
+    good = fenced('{"question": "first?", "answer": "one"}')
+    not_object = fenced('["a list", "not an object"]')
+    assert parse_questioner_output(f"{good}\n{not_object}", DOC_QA, words).status == Status.BAD_FORMAT
+
+
+@pytest.mark.parametrize("tag", ["", "JSON", "python"])
+def test_only_json_fences_count(tag):
+    """Released: only ```json fences are read (our earlier parser took any fence)."""
+    assert parse_questioner_output(fenced(QA, tag=tag), DOC_QA, words).status == Status.BAD_FORMAT
+
+
+def test_unfenced_output_that_is_one_json_object_is_read():
+    """Released fallback: with no ```json block, the whole final text parsed as JSON."""
+    parsed = parse_questioner_output("  " + QA + "\n", DOC_QA, words)
+    assert parsed.status == Status.OK
 
 
 @pytest.mark.parametrize("text", [
     "",  # empty output
     "no block at all",
-    QA,  # JSON without a fence
+    "Here it is: " + QA,  # JSON without a fence, with text around it
     fenced("{not json}"),
     fenced('"a string"'),
 ])
@@ -155,9 +169,18 @@ def test_missing_options_is_bad_format():
     assert parse_questioner_output(fenced(QA), DOC_MC).status == Status.BAD_FORMAT
 
 
-def test_doc_mc_answer_letter_is_normalised():
-    body = MC.replace('"answer": "B"', '"answer": "(b)"')
-    assert parse_questioner_output(fenced(body), DOC_MC).task.answer == "B"
+@pytest.mark.parametrize("answer", ['"(b)"', '"b"', '"B."', '"(B)"', '" B"', '2'])
+def test_doc_mc_answer_must_be_exactly_a_letter(answer):
+    """Released `_parse_doc_mc`: the answer must be a string exactly A, B, C or D."""
+    body = MC.replace('"answer": "B"', f'"answer": {answer}')
+    assert parse_questioner_output(fenced(body), DOC_MC).status == Status.BAD_FORMAT
+
+
+@pytest.mark.parametrize("answer", ['1066', '3.5', 'true', '["Duncan"]'])
+def test_doc_qa_answer_must_be_a_string(answer):
+    """Released `_parse_doc_general_qa`: a number as the span answer is a format error."""
+    body = f'{{"question": "When?", "answer": {answer}}}'
+    assert parse_questioner_output(fenced(body), DOC_QA, words).status == Status.BAD_FORMAT
 
 
 # --- responder: tests/core/test_answers.py ----------------------------------------------
@@ -170,10 +193,11 @@ def test_doc_mc_answer_letter_is_normalised():
     ("Same person. [[YES]]", True),
     ("Different. [[NO]]", False),
     ("[[YES]]", True),
-    ("It matches.\n[[yes]]", True),
-    ("[[ NO ]]", False),
-    ("At first [[NO]], but on reflection [[YES]]", True),  # the last decision counts
-    ("Format: [[YES]] or [[NO]]. Verdict: [[NO]].", False),  # trailing period tolerated
+    ("[[ NO ]]", False),  # a bare NO
+    ("YES", True),  # released: a bare YES without any NO counts
+    ("[YES]", True),
+    ("Decision: NO", False),
+    ("[[YES]] (NOT a paraphrase issue)", True),  # [[YES]] without [[NO]], although NOT holds a NO
     ("<think>[[NO]]</think> They agree. [[YES]]", True),
 ])
 def test_parse_verdict(text, expected):
@@ -181,8 +205,10 @@ def test_parse_verdict(text, expected):
 
 
 @pytest.mark.parametrize("text", [
-    "YES", "Yes, they match.", "[YES]", "[[MAYBE]]", "", "<think>[[YES]]",
-    "<think>[[YES]]</think> I cannot decide.",
+    "Yes, they match.", "It matches.\n[[yes]]",  # case-sensitive, as released
+    "At first [[NO]], but on reflection [[YES]]",  # both present: unparsable (was: the last wins)
+    "Format: [[YES]] or [[NO]]. Verdict: [[NO]].",
+    "[[MAYBE]]", "", "<think>[[YES]]", "<think>[[YES]]</think> I cannot decide.",
 ])
 def test_unparsable_verdicts(text):
     assert parse_verdict(text) is None

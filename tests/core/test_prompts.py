@@ -128,13 +128,14 @@ def test_documents_may_be_objects_with_text(tokenizer):
         build_responder_prompt(tokenizer, [], QA_TASK)
 
 
-def test_grounding_prompt_has_the_question_and_no_documents(tokenizer):
+def test_grounding_prompt_is_the_responder_template_with_empty_documents(tokenizer):
+    """Released pre-filter: the responder's template with the documents replaced by "Empty"."""
     prompt = build_grounding_prompt(tokenizer, MC_TASK)
     assert_consistent(tokenizer, prompt)
+    assert prompt.text == build_responder_prompt(tokenizer, ["Empty"], MC_TASK).text
     assert MC_TASK.question in prompt.text and "\n(C) Fleance\n" in prompt.text
     assert not any(d in prompt.text for d in DOCUMENTS)
-    assert "<document>" not in prompt.text
-    assert prompt.prefix_len == 0
+    assert "<document>Empty</document>" in prompt.text.replace("\n", "")
 
 
 # --- questioner -----------------------------------------------------------------------------

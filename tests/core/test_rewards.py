@@ -69,7 +69,8 @@ def test_cover_exact_match_substring_is_on_normalised_text():
     ("\\frac{3}{4}", "0.75", 1.0),
     ("3/4", "0.75", 1.0),
     ("−5", "-5", 1.0),  # Unicode minus
-    ("5", "-5", 0.0),
+    ("5", "-5", 1.0),  # as released: the 3-decimal rounding compares absolute values (docs/fidelity.md)
+    ("5", "-6", 0.0),
     ("no idea", "42", 0.0),  # no number: 0
     (None, "42", 0.0),
 ])
@@ -77,15 +78,17 @@ def test_numeric_match(prediction, reference, expected):
     assert numeric_match(prediction, reference) == expected
 
 
-def test_numeric_rounding_to_three_decimals():
-    # 0.0012 and 0.0011 are 9 % apart but both round to 0.001: equal by the rounding rule
-    assert numeric_match("0.0012", "0.0011") == 1.0
-    # 0.0004 vs 0.0001: four times apart, both 0.0 after rounding
+def test_numeric_rounding_is_the_released_ceiling_of_absolute_values():
+    """Released `round_up_to_decimal(|x|, 3)` = ceil(|x| * 1000) / 1000, worked by hand; all pairs
+    are far outside the 0.15 % tolerance and the scale factors."""
+    # 0.0111 and 0.0119 (7 % apart): both ceil to 0.012 -> equal (round-half gave 0.011 vs 0.012)
+    assert numeric_match("0.0111", "0.0119") == 1.0
+    # 0.0126 vs 0.0134: ceil 0.013 vs 0.014 -> not equal (round-half gave 0.013 both)
+    assert numeric_match("0.0126", "0.0134") == 0.0
+    # 0.0004 vs 0.0001: both ceil to 0.001
     assert numeric_match("0.0004", "0.0001") == 1.0
-    # 0.0126 vs 0.0134 round to 0.013 both, although 6 % apart
-    assert numeric_match("0.0126", "0.0134") == 1.0
-    # 0.0124 vs 0.0136: 0.012 vs 0.014
-    assert numeric_match("0.0124", "0.0136") == 0.0
+    # the sign is dropped, as released: -0.0111 vs 0.0119 both |.| ceil to 0.012
+    assert numeric_match("-0.0111", "0.0119") == 1.0
 
 
 def test_numeric_reference_may_be_a_number():
@@ -142,10 +145,13 @@ Y, N, U = True, False, None
 @pytest.mark.parametrize("verdicts, expected", [
     ([Y] * 5 + [N] * 3, 1),  # 5 > 4
     ([N] * 5 + [Y] * 3, 0),
-    ([Y] * 4 + [N] * 4, None),  # tie: undecided
-    ([Y] * 4 + [N] * 3 + [U], None),  # 4 is not more than 8/2
+    ([Y] * 4 + [N] * 4, 1),  # released plurality: a tie goes to the first seen (YES here)
+    ([N] + [Y] * 4 + [N] * 3, 0),  # 4-4 again, NO seen first
+    ([Y] * 4 + [N] * 3 + [U], 1),  # 4/3/1: plurality YES (was undecided: 4 is not > 8/2)
     ([Y] * 5 + [U] * 3, 1),
-    ([N] * 4 + [U] * 4, None),  # unparsable votes count in G
+    ([N] * 4 + [U] * 4, 0),  # 4-4 tie NO vs unparsable, NO first
+    ([U] * 4 + [N] * 4, None),  # unparsable first and tied: unparsable wins -> rule reward
+    ([U] * 3 + [Y] * 2 + [N] * 3, None),  # U 3, N 3, Y 2: U seen first
     ([U] * 8, None),
     ([Y, Y, N], 1),  # odd G: 2 > 1.5
     ([Y], 1),
@@ -238,7 +244,7 @@ def test_one_group_end_to_end_by_hand():
         [N] * 8,            # rule 0, majority 0
         [Y] * 6 + [N, U],   # rule 0, majority 1 → 1 (the paraphrase)
         None,               # unparsable answer: no verification, rule 0
-        [Y] * 4 + [N] * 4,  # tie → rule 0
+        [N] * 4 + [Y] * 4,  # 4-4 tie, NO seen first → 0
         [Y] * 8,            # rule 1
         [N] * 5 + [Y] * 3,  # rule 0
     ]
