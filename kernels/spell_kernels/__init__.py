@@ -11,6 +11,7 @@ from importlib import import_module
 _EXPORTS = {
     # attention
     "flash_attn_varlen_func": "flash_attn",
+    "flash_attn_func": "flash_attn",
     "shared_prefix_attn_func": "shared_prefix",
     "SharedPrefixLayout": "shared_prefix",
     "SharedPrefixAttention": "shared_prefix",

@@ -2,7 +2,10 @@
 
 Stable names other modules rely on:
   flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         softmax_scale=None, causal=False, return_lse=False, deterministic=True)
+                         dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                         softcap=0.0, alibi_slopes=None, deterministic=True,
+                         return_attn_probs=False, block_table=None, *, return_lse=False)
+      (flash-attn 2's order; flash_attn_func(q, k, v, dropout_p, ...) takes (B, L, H, D))
   varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                  softmax_scale, causal, parent=None) -> (out, lse (Hq, total_q) fp32, fp64 for fp64)
   varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -726,19 +729,73 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           softmax_scale=None, causal=False, return_lse=False, deterministic=True):
-    """Varlen attention with flash-attn's arguments and layout (see module docstring).
+def _reject_unsupported(fn, dropout_p, window_size, softcap, alibi_slopes, block_table=None):
+    """flash-attn arguments spell_kernels does not implement: their defaults pass, anything else
+    raises NotImplementedError naming the argument."""
+    if dropout_p:
+        raise NotImplementedError(f"{fn}: dropout_p={dropout_p} is not supported (no attention dropout); "
+                                  "pass 0.0 (flash-attn's default, and what evaluation uses)")
+    if window_size is not None and tuple(window_size) != (-1, -1):
+        raise NotImplementedError(f"{fn}: window_size={tuple(window_size)} (sliding-window attention) is not "
+                                  "supported; pass (-1, -1)")
+    if softcap:
+        raise NotImplementedError(f"{fn}: softcap={softcap} (attention logit soft-capping) is not supported; "
+                                  "pass 0.0")
+    if alibi_slopes is not None:
+        raise NotImplementedError(f"{fn}: alibi_slopes is not supported; pass None")
+    if block_table is not None:
+        raise NotImplementedError(f"{fn}: block_table (paged KV cache) is not supported; pass None and "
+                                  "contiguous packed k/v")
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=True, return_attn_probs=False, block_table=None, *, return_lse=False):
+    """Varlen attention with flash-attn 2's arguments, in flash-attn's order, and layout (see
+    the module docstring): a positional call written for `flash_attn.flash_attn_varlen_func`
+    means the same here.
 
     q (total_q, Hq, D), k/v (total_k, Hkv, D) with Hq % Hkv == 0; cu_seqlens_* int32 (batch+1,);
-    max_seqlen_* the longest segment (sizes the GPU grid). Returns out (total_q, Hq, D), and
-    lse (Hq, total_q) fp32 (fp64 for fp64 inputs) when return_lse. Differentiable in q, k, v.
-    deterministic (flash-attn's flag): True (default) gives bitwise-repeatable gradients; False
-    lets the Triton backward accumulate dq with fp32 atomics, two fewer matmuls per block pair.
+    max_seqlen_* the longest segment (sizes the GPU grid). Returns out (total_q, Hq, D).
+    dropout_p, window_size, softcap, alibi_slopes and block_table are accepted at their
+    defaults only (anything else raises NotImplementedError naming the argument).
+    deterministic: True (the default here; flash-attn's is False) gives bitwise-repeatable
+    gradients; False lets the Triton backward accumulate dq with fp32 atomics, two fewer
+    matmuls per block pair. return_attn_probs=True returns (out, softmax_lse (Hq, total_q),
+    None) as flash-attn does, except that the attention probabilities are not formed (None).
+    return_lse=True (keyword only, spell's own) returns (out, lse); lse is fp32 (fp64 for
+    fp64 inputs). Differentiable in q, k, v.
     """
+    _reject_unsupported("flash_attn_varlen_func", dropout_p, window_size, softcap, alibi_slopes, block_table)
     out, lse = FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          softmax_scale, causal, None, deterministic)
+    if return_attn_probs:
+        return out, lse, None
     return (out, lse) if return_lse else out
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=True, return_attn_probs=False):
+    """Batched attention with flash-attn 2's `flash_attn_func` arguments and layout:
+    q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D) -> out (B, Lq, Hq, D); causal masks bottom-right
+    aligned. Same argument rules as flash_attn_varlen_func; return_attn_probs=True returns
+    (out, softmax_lse (B, Hq, Lq), None)."""
+    _reject_unsupported("flash_attn_func", dropout_p, window_size, softcap, alibi_slopes)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("flash_attn_func takes q, k, v as (batch, seqlen, heads, head_dim); got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k/v must share the batch size; got {q.shape[0]} and {k.shape[0]}")
+    batch, lq, hq, _ = q.shape
+    lk = k.shape[1]
+    rows = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+    out, lse = FlashAttnVarlenFunc.apply(q.reshape(batch * lq, hq, -1), k.reshape(batch * lk, *k.shape[2:]),
+                                         v.reshape(batch * lk, *v.shape[2:]), rows * lq, rows * lk, lq, lk,
+                                         softmax_scale, causal, None, deterministic)
+    out = out.view(batch, lq, hq, -1)
+    if return_attn_probs:
+        return out, lse.view(hq, batch, lq).transpose(0, 1), None
+    return out
 
 
 def aot_variants(head_dim, dtype):
