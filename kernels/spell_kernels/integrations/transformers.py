@@ -11,10 +11,13 @@ without either every row is one sequence. Causal masks are bottom-right aligned,
 what a KV cache needs (the new queries are the last positions of their sequences).
 """
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from ..flash_attn import flash_attn_varlen_func
+from ._require import require
+
+require("transformers", "transformers")
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask  # noqa: E402
 
 NAME = "spell"
 
