@@ -637,7 +637,7 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, parent, triton_path):
 def _check_offsets(cu, total, name, tensors):
     """On CPU (no device sync) the offsets are checked against the packed tensors: a wrong
     total would otherwise read past them, or crash PyTorch's CPU kernel outright."""
-    if cu.device.type != "cpu" or cu.numel() == 0:
+    if cu.device.type != "cpu" or cu.numel() == 0 or torch.compiler.is_compiling():
         return
     offsets = cu.tolist()
     if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
@@ -653,7 +653,7 @@ def _last_dim_contiguous(t):
 
 def _check_max_seqlen(cu, max_seqlen, name):
     """On CPU tensors (interpreter runs) a too-small max_seqlen is caught; on GPU it would cost a sync."""
-    if cu.device.type == "cpu" and cu.numel() > 1:
+    if cu.device.type == "cpu" and cu.numel() > 1 and not torch.compiler.is_compiling():
         longest = int((cu[1:] - cu[:-1]).max())
         if longest > max_seqlen:
             raise ValueError(f"{name}={max_seqlen} is smaller than the longest segment ({longest})")
@@ -707,26 +707,70 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
                             int(max_seqlen_k), scale, causal, parent, deterministic)
 
 
-class FlashAttnVarlenFunc(torch.autograd.Function):
-    """(q, k, v) -> (out, lse); lse is returned for merging and is not differentiable."""
+# torch.library custom ops with fake implementations: torch.compile traces a call as one opaque
+# op (no graph break); autograd runs the backward op.
+
+def _lse_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("spell_kernels::flash_attn_varlen", mutates_args=())
+def _attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float | None,
+             causal: bool, parent: torch.Tensor | None, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                              parent)
+    return out, lse
+
+
+@_attn_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, parent, deterministic):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("spell_kernels::flash_attn_varlen_backward", mutates_args=())
+def _attn_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                      max_seqlen_k: int, softmax_scale: float | None, causal: bool, parent: torch.Tensor | None,
+                      deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 softmax_scale, causal, parent, deterministic=deterministic)
+    return dq, dk, dv
+
+
+@_attn_backward_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, parent,
+      deterministic):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attn_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, parent, deterministic = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k, parent)
+    ctx.args = (max_q, max_k, scale, causal, deterministic)
+
+
+def _attn_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k, parent = ctx.saved_tensors
+    max_q, max_k, scale, causal, deterministic = ctx.args
+    dq, dk, dv = _attn_backward_op(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal,
+                                   parent, deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_attn_op.register_autograd(_attn_backward, setup_context=_attn_setup_context)
+
+
+class FlashAttnVarlenFunc:
+    """(q, k, v) -> (out, lse) through the custom op; lse is returned for merging and is detached."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                parent=None, deterministic=True):
-        out, lse = varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  softmax_scale, causal, parent)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, parent)
-        ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, deterministic)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_q, cu_k, parent = ctx.saved_tensors
-        max_q, max_k, scale, causal, deterministic = ctx.args
-        dq, dk, dv = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, parent,
-                                     deterministic=deterministic)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+    def apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, parent=None,
+              deterministic=True):
+        out, lse = _attn_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                            None if softmax_scale is None else float(softmax_scale), bool(causal), parent,
+                            bool(deterministic))
+        return out, lse.detach()
 
 
 def _reject_unsupported(fn, dropout_p, window_size, softcap, alibi_slopes, block_table=None):

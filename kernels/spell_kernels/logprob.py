@@ -303,9 +303,10 @@ def _cast(t, dtype):
 
 
 def should_check(check, *tensors):
-    """Validate tensor contents (a host sync on GPU) when asked, or by default on CPU where it is free."""
+    """Validate tensor contents (a host sync on GPU) when asked, or by default on CPU where it is free
+    (but not while torch.compile traces: a data-dependent branch would break the graph)."""
     if check is None:
-        return all(t.device.type == "cpu" for t in tensors)
+        return all(t.device.type == "cpu" for t in tensors) and not torch.compiler.is_compiling()
     return bool(check)
 
 
