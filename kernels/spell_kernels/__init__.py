@@ -30,6 +30,10 @@ _EXPORTS = {
     "policy_loss": "policy_loss",
     "group_advantages": "advantages",
     "broadcast_to_tokens": "advantages",
+    # nn.Module wrappers (Liger-compatible arguments)
+    "FusedLinearLogprob": "modules",
+    "FusedLinearCrossEntropyLoss": "modules",
+    "FusedLinearGRPOLoss": "modules",
     # packing
     "pack": "packing",
     "unpack": "packing",

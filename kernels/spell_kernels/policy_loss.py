@@ -157,7 +157,12 @@ def _policy_loss_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         old_c = logp if old is None else old[start:end]
         if log_ratio is None:
             log_ratio = logp - old_c
-        is_w = None if rollout is None else rollout_is_weight(old_c, rollout[start:end], rollout_is_cap)
+        if rollout is None:
+            is_w = None
+        elif rollout_is_cap < 0:  # `rollout` holds precomputed importance weights (importance_weights=)
+            is_w = rollout[start:end]
+        else:
+            is_w = rollout_is_weight(old_c, rollout[start:end], rollout_is_cap)
         ref_c = None if ref is None else ref[start:end]
         return _token_loss_and_grad(logp, log_ratio, advantages[start:end], ref_c, is_w, **terms)
 
@@ -276,7 +281,7 @@ def policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, clip_lo
                 dual_clip=None, agg="token-mean", temperature=1.0, return_entropy=False, cu_seqlens=None,
                 global_count=None, ignore_index=-100, *, ref_logprobs=None, kl_coef=0.0, kl_estimator="k3",
                 ratio_level="token", rollout_logprobs=None, rollout_is_cap=None, norm_length=None, softcap=None,
-                logit_scale=1.0, check=None):
+                logit_scale=1.0, importance_weights=None, check=None):
     """PPO-clip loss of a packed batch of N tokens; returns (loss, stats). See the module docstring
     for the formulas.
 
@@ -292,6 +297,8 @@ def policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, clip_lo
     ratio_level: "token" (PPO/GRPO) or "sequence" (GSPO).
     rollout_logprobs (N,) with rollout_is_cap: weight each token's PPO term by the truncated
     importance ratio min(pi_old / pi_rollout, cap) (the sampler differs from the trainer).
+    importance_weights (N,): the same weights already computed (TRL's importance_sampling_ratio);
+    not together with rollout_logprobs.
     softcap, logit_scale: as fused_linear_logprob (the model's own logit transform).
     check: validate tensor contents (host syncs on GPU); None = only on CPU tensors.
 
@@ -313,12 +320,14 @@ def policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, clip_lo
     the means by num_tokens and skip calls with num_tokens 0 in min/max.
     """
     validate_logprob_inputs(hidden, weight, targets, temperature, ignore_index, check, softcap, logit_scale)
+    if importance_weights is not None and rollout_logprobs is not None:
+        raise ValueError("pass rollout_logprobs (with rollout_is_cap) or importance_weights, not both")
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be packed as (N, H), got shape {tuple(hidden.shape)}")
     n = hidden.shape[0]
     agg = _resolve_agg(agg)
     _validate(n, {"old_logprobs": old_logprobs, "advantages": advantages, "mask": mask, "ref_logprobs": ref_logprobs,
-                  "rollout_logprobs": rollout_logprobs}, agg, cu_seqlens, global_count, norm_length, clip_low,
+                  "rollout_logprobs": rollout_logprobs, "importance_weights": importance_weights}, agg, cu_seqlens, global_count, norm_length, clip_low,
               clip_high, dual_clip, kl_coef, kl_estimator, ratio_level, rollout_logprobs, rollout_is_cap, check)
     valid = mask.bool() & (targets != ignore_index)
     dt = stat_dtype(hidden, weight)
@@ -328,6 +337,9 @@ def policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, clip_lo
         return None if t is None else t.detach().to(dt)
 
     old, ref, rollout = const(old_logprobs), const(ref_logprobs), const(rollout_logprobs)
+    is_cap = float(rollout_is_cap or 0.0)
+    if importance_weights is not None:
+        rollout, is_cap = const(importance_weights), -1.0
     if not kl_coef:
         ref = None
     token_weights = _token_weights(valid, agg, cu_seqlens, global_count, norm_length, dt)
@@ -337,7 +349,7 @@ def policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, clip_lo
     loss, logp, entropy, _, _ = _policy_loss_op(
         hidden, weight, targets, old, advantages, token_weights, ref, rollout, valid, seq_ids, num_seqs,
         float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip), float(kl_coef),
-        kl_estimator, float(rollout_is_cap or 0.0), float(temperature), float(logit_scale),
+        kl_estimator, is_cap, float(temperature), float(logit_scale),
         None if softcap is None else float(softcap), bool(return_entropy), int(ignore_index),
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
     logp = logp.detach()
@@ -351,7 +363,7 @@ def policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, clip_lo
         if ref is not None:
             stats["kl"] = ((kl_terms(logp, ref, kl_estimator)[0] * valid).sum() / count).float()
         if rollout is not None:
-            w = rollout_is_weight(old_or_logp, rollout, float(rollout_is_cap))
+            w = rollout if is_cap < 0 else rollout_is_weight(old_or_logp, rollout, is_cap)
             stats["is_weight_mean"] = ((w * valid).sum() / count).float()
     return loss, stats
 
