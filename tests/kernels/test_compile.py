@@ -118,3 +118,12 @@ def test_validation_that_would_sync_runs_only_when_asked():
     assert should_check(None, h) and not should_check(False, h) and should_check(True, h)
     meta = torch.empty(3, device="meta")
     assert not should_check(None, meta)  # not a CPU tensor: no check unless check=True
+
+
+def test_importing_the_policy_loss_module_keeps_the_function():
+    """`policy_loss` is a submodule and a function: importing the submodule (as this file and
+    spell_kernels.modules do) must not replace spell_kernels.policy_loss with the module."""
+    import spell_kernels.modules  # noqa: F401  (imports .policy_loss)
+    assert callable(sk.policy_loss) and sk.policy_loss.__name__ == "policy_loss"
+    from spell_kernels import policy_loss
+    assert callable(policy_loss)
