@@ -2,10 +2,11 @@
 from importlib import import_module
 
 
-def require(module: str, extra: str):
-    """Import `module` (e.g. "transformers"); a missing one names the pip extra that installs it."""
+def require(module: str, extra: str | None):
+    """Import `module` (e.g. "transformers"); a missing one names the pip extra that installs it
+    (extra=None: a framework spell-kernels has no extra for, installed on its own)."""
     try:
         return import_module(module)
     except ImportError as e:
-        raise ImportError(f"spell_kernels.integrations needs {module!r}, which is not installed: "
-                          f"pip install 'spell-kernels[{extra}]' (or pip install {module})") from e
+        how = f"pip install 'spell-kernels[{extra}]' (or pip install {module})" if extra else f"pip install {module}"
+        raise ImportError(f"spell_kernels.integrations needs {module!r}, which is not installed: {how}") from e

@@ -38,7 +38,7 @@ def apply():
     """Replace verl's fused-kernel linear_cross_entropy with spell's (needs verl installed)."""
     from ._require import require
 
-    require("verl", "verl")
+    require("verl", None)  # no extra: verl pins its own torch/vLLM stack
     import verl.utils.kernel.linear_cross_entropy as target
 
     target.linear_cross_entropy = linear_cross_entropy
