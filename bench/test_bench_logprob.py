@@ -4,6 +4,9 @@ naive:        logits = h @ W.T -> log_softmax (fp32) -> gather, backward through
 fused:        fused_linear_logprob (chunked; the backward recomputes each chunk's logits)
 naive_policy: naive log-probs -> PPO-clip token-mean loss, backward through autograd
 fused_policy: policy_loss (chunked; gradients formed in the forward chunk loop)
+naive_grpo:   naive log-probs (soft-capped logits) -> TRL-style GRPO loss with k3 KL to a reference,
+              a rollout importance cap and seq-mean-token-mean, backward through autograd
+fused_grpo:   the same loss through policy_loss(softcap=, ref_logprobs=, rollout_logprobs=, agg="grpo")
 naive_lowp:   (half-precision runs only) log_softmax in the input dtype, no fp32 upcast
 
 Default (make bench): the default model's head (H = 576, V = 49152), fp32 on CPU, N = 2048
@@ -59,6 +62,31 @@ def _naive_policy_loss(logp, x):
     return (per_token * x["mask"]).sum() / x["mask"].sum()
 
 
+SEQ_LEN, SOFTCAP = 256, 30.0
+
+
+def _grpo_extras(x):
+    n = x["targets"].shape[0]
+    base = torch.full((n,), -10.8)  # about log(1 / V): near the random head's log-probs
+    cu = torch.arange(0, n + SEQ_LEN, SEQ_LEN).clamp(max=n).unique().to(torch.int32)
+    return dict(old=base, ref=base - 0.1, rollout=base + 0.2 * x["g"], cu=cu)
+
+
+def _naive_grpo_loss(x, e):
+    logits = x["h"] @ x["w"].T
+    logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+    logp = torch.log_softmax(logits, -1).gather(1, x["targets"][:, None]).squeeze(1)
+    ratio = torch.exp(logp - e["old"])
+    per_token = torch.maximum(-x["adv"] * ratio, -x["adv"] * ratio.clamp(0.8, 1.28))
+    per_token = per_token * torch.exp(e["old"] - e["rollout"]).clamp(max=2.0)
+    per_token = per_token + 0.04 * (torch.exp(e["ref"] - logp) - (e["ref"] - logp) - 1)
+    m = x["mask"].float()
+    seq = torch.repeat_interleave(torch.arange(len(e["cu"]) - 1), e["cu"].diff().long())
+    sums = torch.zeros(len(e["cu"]) - 1).index_add(0, seq, per_token * m)
+    counts = torch.zeros(len(e["cu"]) - 1).index_add(0, seq, m)
+    return (sums / counts.clamp(min=1)).mean()
+
+
 def run_variant(name, x):
     """One forward + backward of a variant; leaves the gradients in h.grad / w.grad."""
     import spell_kernels as sk
@@ -72,6 +100,13 @@ def run_variant(name, x):
         _naive_policy_loss(_naive_logprob(x), x).backward()
     elif name == "fused_policy":
         sk.policy_loss(x["h"], x["w"], x["targets"], None, x["adv"], x["mask"])[0].backward()
+    elif name == "naive_grpo":
+        _naive_grpo_loss(x, _grpo_extras(x)).backward()
+    elif name == "fused_grpo":
+        e = _grpo_extras(x)
+        sk.policy_loss(x["h"], x["w"], x["targets"], e["old"], x["adv"], x["mask"], agg="grpo", cu_seqlens=e["cu"],
+                       softcap=SOFTCAP, ref_logprobs=e["ref"], kl_coef=0.04, rollout_logprobs=e["rollout"],
+                       rollout_is_cap=2.0)[0].backward()
     else:
         raise ValueError(f"unknown variant {name!r}")
 
@@ -91,7 +126,7 @@ def measure_in_subprocess(name, tokens, hidden=HIDDEN, vocab=VOCAB, dtype="fp32"
     return {"variant": name, **memory.run_json(argv, label=name)}
 
 
-BASELINES = {"fused": "naive", "fused_policy": "naive_policy", "naive_lowp": "naive"}
+BASELINES = {"fused": "naive", "fused_policy": "naive_policy", "naive_lowp": "naive", "fused_grpo": "naive_grpo"}
 COLUMNS = [("peak_extra_bytes", "peak extra MiB", memory.MiB), ("best_s", "wall s", 1), ("best_cpu_s", "cpu s", 1)]
 
 
@@ -131,6 +166,11 @@ def test_fused_policy_loss_time(benchmark):
     _bench_against_naive(benchmark, "fused_policy", "naive_policy", TOKENS, rounds=2)
 
 
+def test_fused_grpo_loss_time(benchmark):
+    """policy_loss with the TRL/verl pieces (soft-cap, k3 KL, rollout cap, grpo aggregation)."""
+    _bench_against_naive(benchmark, "fused_grpo", "naive_grpo", TOKENS, rounds=2)
+
+
 def test_peak_memory_vs_naive():
     results = compare(["naive", "fused", "naive_policy", "fused_policy"], tokens=TOKENS)
     for fused, naive in (("fused", "naive"), ("fused_policy", "naive_policy")):
@@ -141,7 +181,8 @@ def test_peak_memory_vs_naive():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variant", choices=["naive", "naive_lowp", "fused", "naive_policy", "fused_policy"])
+    parser.add_argument("--variant", choices=["naive", "naive_lowp", "fused", "naive_policy", "fused_policy",
+                                              "naive_grpo", "fused_grpo"])
     parser.add_argument("--compare", nargs="*", metavar="VARIANT",
                         help="run these variants (default: all) in subprocesses and print ratios")
     parser.add_argument("--tokens", type=int, default=TOKENS)
@@ -157,7 +198,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compare is not None:
-        variants = args.compare or ["naive", "naive_lowp", "fused", "naive_policy", "fused_policy"]
+        variants = args.compare or ["naive", "naive_lowp", "fused", "naive_policy", "fused_policy", "naive_grpo",
+                                    "fused_grpo"]
         print(json.dumps(compare(variants, threads=args.threads, **kw)))
     else:
         print(json.dumps(measure(args.variant, **kw)))

@@ -5,12 +5,15 @@ run a PyTorch path (see `_dispatch.use_triton`). Importing this package does not
 Triton; each op's module is imported the first time one of its names is used, so
 `TRITON_INTERPRET=1` may be set any time before the first call.
 """
+import sys
 from importlib import import_module
+from types import ModuleType
 
 # public name -> module (inside spell_kernels) that defines it
 _EXPORTS = {
     # attention
     "flash_attn_varlen_func": "flash_attn",
+    "flash_attn_func": "flash_attn",
     "shared_prefix_attn_func": "shared_prefix",
     "SharedPrefixLayout": "shared_prefix",
     "SharedPrefixAttention": "shared_prefix",
@@ -29,6 +32,10 @@ _EXPORTS = {
     "policy_loss": "policy_loss",
     "group_advantages": "advantages",
     "broadcast_to_tokens": "advantages",
+    # nn.Module wrappers (Liger-compatible arguments)
+    "FusedLinearLogprob": "modules",
+    "FusedLinearCrossEntropyLoss": "modules",
+    "FusedLinearGRPOLoss": "modules",
     # packing
     "pack": "packing",
     "unpack": "packing",
@@ -47,6 +54,20 @@ def __getattr__(name):
     value = getattr(import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value
+
+
+class _Package(ModuleType):
+    """`policy_loss` names both a submodule and the function it defines. Importing the submodule
+    (`import spell_kernels.policy_loss`, or another module's `from .policy_loss import ...`) makes
+    the import system set the package attribute to the submodule; the function is kept instead."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, ModuleType) and _EXPORTS.get(name) == name and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__():

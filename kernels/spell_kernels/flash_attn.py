@@ -2,7 +2,10 @@
 
 Stable names other modules rely on:
   flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         softmax_scale=None, causal=False, return_lse=False, deterministic=True)
+                         dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                         softcap=0.0, alibi_slopes=None, deterministic=True,
+                         return_attn_probs=False, block_table=None, *, return_lse=False)
+      (flash-attn 2's order; flash_attn_func(q, k, v, dropout_p, ...) takes (B, L, H, D))
   varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                  softmax_scale, causal, parent=None) -> (out, lse (Hq, total_q) fp32, fp64 for fp64)
   varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -634,7 +637,7 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, parent, triton_path):
 def _check_offsets(cu, total, name, tensors):
     """On CPU (no device sync) the offsets are checked against the packed tensors: a wrong
     total would otherwise read past them, or crash PyTorch's CPU kernel outright."""
-    if cu.device.type != "cpu" or cu.numel() == 0:
+    if cu.device.type != "cpu" or cu.numel() == 0 or torch.compiler.is_compiling():
         return
     offsets = cu.tolist()
     if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
@@ -650,7 +653,7 @@ def _last_dim_contiguous(t):
 
 def _check_max_seqlen(cu, max_seqlen, name):
     """On CPU tensors (interpreter runs) a too-small max_seqlen is caught; on GPU it would cost a sync."""
-    if cu.device.type == "cpu" and cu.numel() > 1:
+    if cu.device.type == "cpu" and cu.numel() > 1 and not torch.compiler.is_compiling():
         longest = int((cu[1:] - cu[:-1]).max())
         if longest > max_seqlen:
             raise ValueError(f"{name}={max_seqlen} is smaller than the longest segment ({longest})")
@@ -704,41 +707,139 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
                             int(max_seqlen_k), scale, causal, parent, deterministic)
 
 
-class FlashAttnVarlenFunc(torch.autograd.Function):
-    """(q, k, v) -> (out, lse); lse is returned for merging and is not differentiable."""
+# torch.library custom ops with fake implementations: torch.compile traces a call as one opaque
+# op (no graph break); autograd runs the backward op.
+
+def _lse_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("spell_kernels::flash_attn_varlen", mutates_args=())
+def _attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float | None,
+             causal: bool, parent: torch.Tensor | None, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                              parent)
+    return out, lse
+
+
+@_attn_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, parent, deterministic):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("spell_kernels::flash_attn_varlen_backward", mutates_args=())
+def _attn_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                      max_seqlen_k: int, softmax_scale: float | None, causal: bool, parent: torch.Tensor | None,
+                      deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 softmax_scale, causal, parent, deterministic=deterministic)
+    return dq, dk, dv
+
+
+@_attn_backward_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, parent,
+      deterministic):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attn_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, parent, deterministic = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k, parent)
+    ctx.args = (max_q, max_k, scale, causal, deterministic)
+
+
+def _attn_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k, parent = ctx.saved_tensors
+    max_q, max_k, scale, causal, deterministic = ctx.args
+    dq, dk, dv = _attn_backward_op(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal,
+                                   parent, deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_attn_op.register_autograd(_attn_backward, setup_context=_attn_setup_context)
+
+
+class FlashAttnVarlenFunc:
+    """(q, k, v) -> (out, lse) through the custom op; lse is returned for merging and is detached."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                parent=None, deterministic=True):
-        out, lse = varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  softmax_scale, causal, parent)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, parent)
-        ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, deterministic)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_q, cu_k, parent = ctx.saved_tensors
-        max_q, max_k, scale, causal, deterministic = ctx.args
-        dq, dk, dv = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, parent,
-                                     deterministic=deterministic)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+    def apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, parent=None,
+              deterministic=True):
+        out, lse = _attn_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                            None if softmax_scale is None else float(softmax_scale), bool(causal), parent,
+                            bool(deterministic))
+        return out, lse.detach()
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           softmax_scale=None, causal=False, return_lse=False, deterministic=True):
-    """Varlen attention with flash-attn's arguments and layout (see module docstring).
+def _reject_unsupported(fn, dropout_p, window_size, softcap, alibi_slopes, block_table=None):
+    """flash-attn arguments spell_kernels does not implement: their defaults pass, anything else
+    raises NotImplementedError naming the argument."""
+    if dropout_p:
+        raise NotImplementedError(f"{fn}: dropout_p={dropout_p} is not supported (no attention dropout); "
+                                  "pass 0.0 (flash-attn's default, and what evaluation uses)")
+    if window_size is not None and tuple(window_size) != (-1, -1):
+        raise NotImplementedError(f"{fn}: window_size={tuple(window_size)} (sliding-window attention) is not "
+                                  "supported; pass (-1, -1)")
+    if softcap:
+        raise NotImplementedError(f"{fn}: softcap={softcap} (attention logit soft-capping) is not supported; "
+                                  "pass 0.0")
+    if alibi_slopes is not None:
+        raise NotImplementedError(f"{fn}: alibi_slopes is not supported; pass None")
+    if block_table is not None:
+        raise NotImplementedError(f"{fn}: block_table (paged KV cache) is not supported; pass None and "
+                                  "contiguous packed k/v")
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=True, return_attn_probs=False, block_table=None, *, return_lse=False):
+    """Varlen attention with flash-attn 2's arguments, in flash-attn's order, and layout (see
+    the module docstring): a positional call written for `flash_attn.flash_attn_varlen_func`
+    means the same here.
 
     q (total_q, Hq, D), k/v (total_k, Hkv, D) with Hq % Hkv == 0; cu_seqlens_* int32 (batch+1,);
-    max_seqlen_* the longest segment (sizes the GPU grid). Returns out (total_q, Hq, D), and
-    lse (Hq, total_q) fp32 (fp64 for fp64 inputs) when return_lse. Differentiable in q, k, v.
-    deterministic (flash-attn's flag): True (default) gives bitwise-repeatable gradients; False
-    lets the Triton backward accumulate dq with fp32 atomics, two fewer matmuls per block pair.
+    max_seqlen_* the longest segment (sizes the GPU grid). Returns out (total_q, Hq, D).
+    dropout_p, window_size, softcap, alibi_slopes and block_table are accepted at their
+    defaults only (anything else raises NotImplementedError naming the argument).
+    deterministic: True (the default here; flash-attn's is False) gives bitwise-repeatable
+    gradients; False lets the Triton backward accumulate dq with fp32 atomics, two fewer
+    matmuls per block pair. return_attn_probs=True returns (out, softmax_lse (Hq, total_q),
+    None) as flash-attn does, except that the attention probabilities are not formed (None).
+    return_lse=True (keyword only, spell's own) returns (out, lse); lse is fp32 (fp64 for
+    fp64 inputs). Differentiable in q, k, v.
     """
+    _reject_unsupported("flash_attn_varlen_func", dropout_p, window_size, softcap, alibi_slopes, block_table)
     out, lse = FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          softmax_scale, causal, None, deterministic)
+    if return_attn_probs:
+        return out, lse, None
     return (out, lse) if return_lse else out
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=True, return_attn_probs=False):
+    """Batched attention with flash-attn 2's `flash_attn_func` arguments and layout:
+    q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D) -> out (B, Lq, Hq, D); causal masks bottom-right
+    aligned. Same argument rules as flash_attn_varlen_func; return_attn_probs=True returns
+    (out, softmax_lse (B, Hq, Lq), None)."""
+    _reject_unsupported("flash_attn_func", dropout_p, window_size, softcap, alibi_slopes)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("flash_attn_func takes q, k, v as (batch, seqlen, heads, head_dim); got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k/v must share the batch size; got {q.shape[0]} and {k.shape[0]}")
+    batch, lq, hq, _ = q.shape
+    lk = k.shape[1]
+    rows = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+    out, lse = FlashAttnVarlenFunc.apply(q.reshape(batch * lq, hq, -1), k.reshape(batch * lk, *k.shape[2:]),
+                                         v.reshape(batch * lk, *v.shape[2:]), rows * lq, rows * lk, lq, lk,
+                                         softmax_scale, causal, None, deterministic)
+    out = out.view(batch, lq, hq, -1)
+    if return_attn_probs:
+        return out, lse.view(hq, batch, lq).transpose(0, 1), None
+    return out
 
 
 def aot_variants(head_dim, dtype):

@@ -1,9 +1,10 @@
 """Fused linear log-prob: per-token log-probabilities (and entropies) of target ids under
-softmax(hidden @ weight.T / temperature), without ever materialising the (N, V) logits.
+softmax(z), z = softcap(logit_scale * hidden @ weight.T) / temperature, without ever
+materialising the (N, V) logits (softcap(y) = c tanh(y / c), as Gemma's final logits; off by default).
 
   fused_linear_logprob(hidden (N,H), weight (V,H), targets (N,), temperature=1.0,
-                       return_entropy=False, ignore_index=-100) -> logprobs (N,) fp32
-                       [, entropy (N,) fp32]
+                       return_entropy=False, ignore_index=-100, *, softcap=None,
+                       logit_scale=1.0, check=None) -> logprobs (N,) fp32 [, entropy (N,) fp32]
 
 Tokens run in chunks of rows: one chunk's logits (rows x V) come from a matmul, are reduced
 to per-token statistics (log-sum-exp, target log-prob, entropy) and are dropped. The
@@ -12,7 +13,8 @@ With z = logits / T, p = softmax(z), logp_j = z_j - lse and H = lse - sum_j p_j 
 
   d logp_t / dz_j = 1[j = t] - p_j        dH / dz_j = -p_j (z_j - sum_k p_k z_k) = -p_j (logp_j + H)
 
-so dz = g_logp * (onehot_t - p) - g_H * p * (logp + H), and d logits = dz / T.
+so dz = g_logp * (onehot_t - p) - g_H * p * (logp + H). With y = logit_scale * h w^T:
+d y = dz / T without soft-cap, dz (1 - tanh^2(y / c)) / T with it.
 
 The row reductions over the vocabulary run in Triton kernels on CUDA (a loop over vocab
 blocks with an online log-sum-exp) and in PyTorch on CPU; the matmuls are cuBLAS / MKL
@@ -161,10 +163,11 @@ def _block_v(n_vocab):
 # --- the chunk loop ---------------------------------------------------------------------
 
 class _Chunks:
-    """Token chunks of hidden @ weight.T / T in one reused logits buffer (and, allocated on
-    first use, a scratch buffer of the same size for the PyTorch row passes)."""
+    """Token chunks of z = softcap(scale * hidden @ weight.T) / T in one reused logits buffer
+    (and, allocated on first use, a scratch buffer of the same size for the PyTorch row passes;
+    with a soft-cap and gradients, one more for dz/dy)."""
 
-    def __init__(self, hidden, weight, temperature):
+    def __init__(self, hidden, weight, temperature, logit_scale=1.0, softcap=None, with_grad=False):
         on_cuda = hidden.device.type == "cuda"
         self.triton_rows = use_triton(hidden, weight)
         if torch.float64 in (hidden.dtype, weight.dtype):
@@ -174,12 +177,19 @@ class _Chunks:
         self.dtype = cdt
         self.stat_dtype = torch.float64 if cdt == torch.float64 else torch.float32
         self.hidden, self.weight = hidden, weight.to(cdt)
-        self.inv_temp = 1.0 / temperature
+        # z = post * f(pre * h w^T): without a soft-cap f is the identity and everything is folded
+        # into the hidden rows (pre = scale / T); with one, 1/T applies after the tanh
+        self.softcap = softcap
+        self.pre = logit_scale / temperature if softcap is None else logit_scale
+        self.post = 1.0 if softcap is None else 1.0 / temperature
         n, n_vocab = hidden.shape[0], weight.shape[0]
         budget = _CUDA_CHUNK_BYTES if on_cuda else _CPU_CHUNK_BYTES
         self.rows = max(1, min(n, budget // (n_vocab * self.weight.element_size())))
         self.logits = torch.empty(self.rows, n_vocab, dtype=cdt, device=hidden.device)
         self._scratch = None
+        self.cap_grad = None  # d z / d y per logit of the current chunk (soft-cap with gradients)
+        if softcap is not None and with_grad:
+            self.cap_grad = torch.empty_like(self.logits)
 
     def scratch(self, rows):
         """Zero-argument getter of a (rows, V) scratch view, for the PyTorch row passes."""
@@ -190,14 +200,21 @@ class _Chunks:
         return get
 
     def __iter__(self):
-        """Yield (start, end, h, z): the chunk's hidden rows scaled by 1/T, and their logits."""
+        """Yield (start, end, h, z): the chunk's hidden rows scaled by `pre`, and their logits."""
         n = self.hidden.shape[0]
         for start in range(0, n, self.rows):
             end = min(start + self.rows, n)
             h = self.hidden[start:end].to(self.dtype)
-            if self.inv_temp != 1.0:
-                h = h * self.inv_temp
-            yield start, end, h, torch.mm(h, self.weight.T, out=self.logits[: end - start])
+            if self.pre != 1.0:
+                h = h * self.pre
+            z = torch.mm(h, self.weight.T, out=self.logits[: end - start])
+            if self.softcap is not None:
+                z.div_(self.softcap).tanh_()
+                if self.cap_grad is not None:  # post * (1 - tanh^2)
+                    d = torch.mul(z, z, out=self.cap_grad[: end - start])
+                    d.sub_(1.0).mul_(-self.post)
+                z.mul_(self.softcap * self.post)
+            yield start, end, h, z
 
     def grad_buffers(self, need_hidden_grad, need_weight_grad):
         d_hidden = d_weight = None
@@ -212,11 +229,13 @@ class _Chunks:
         """Turn the chunk's logits into dz in place and add its share to the gradients."""
         dz = _row_grad_(z, targets, z_lse, entropy, g_logp, g_entropy, ignore_index, self.triton_rows,
                         self.scratch(end - start))
-        # z = (h / T) w^T, h already scaled: d w = dz^T (h / T), d h = (dz w) / T
+        if self.cap_grad is not None:
+            dz.mul_(self.cap_grad[: end - start])  # now d y
+        # y = (pre h) w^T, h already scaled: d w = dy^T (pre h), d h = (dy w) pre
         if d_hidden is not None:
             torch.mm(dz, self.weight, out=d_hidden[start:end])
-            if self.inv_temp != 1.0:
-                d_hidden[start:end].mul_(self.inv_temp)
+            if self.pre != 1.0:
+                d_hidden[start:end].mul_(self.pre)
         if d_weight is not None:
             _addmm_fp32_(d_weight, dz.T, h)
 
@@ -233,7 +252,8 @@ def _addmm_fp32_(acc, a, b):
 
 
 def linear_logprob_chunks(hidden, weight, targets, temperature=1.0, ignore_index=-100,
-                          with_entropy=False, grad_fn=None, need_hidden_grad=True, need_weight_grad=True):
+                          with_entropy=False, grad_fn=None, need_hidden_grad=True, need_weight_grad=True,
+                          logit_scale=1.0, softcap=None):
     """The chunked pass behind fused_linear_logprob and policy_loss.
 
     hidden (N, H), weight (V, H), targets (N,). Returns (lse, logp, entropy, d_hidden,
@@ -243,7 +263,7 @@ def linear_logprob_chunks(hidden, weight, targets, temperature=1.0, ignore_index
     gradient of the caller's loss with respect to that chunk's outputs; the input and weight
     gradients are then formed from the logits already in memory (one matmul saved).
     """
-    chunks = _Chunks(hidden, weight, temperature)
+    chunks = _Chunks(hidden, weight, temperature, logit_scale, softcap, with_grad=grad_fn is not None)
     n = hidden.shape[0]
     lse, logp = (torch.empty(n, dtype=chunks.stat_dtype, device=hidden.device) for _ in range(2))
     entropy = torch.empty_like(lse) if with_entropy else None
@@ -264,10 +284,10 @@ def linear_logprob_chunks(hidden, weight, targets, temperature=1.0, ignore_index
     return lse, logp, entropy, _cast(d_hidden, hidden.dtype), _cast(d_weight, weight.dtype)
 
 
-def _linear_logprob_backward(hidden, weight, targets, lse, entropy, g_logp, g_entropy, temperature,
-                             ignore_index, need_hidden_grad, need_weight_grad):
+def linear_logprob_backward(hidden, weight, targets, lse, entropy, g_logp, g_entropy, temperature,
+                            ignore_index, need_hidden_grad, need_weight_grad, logit_scale=1.0, softcap=None):
     """Recompute each chunk's logits and back-propagate g_logp (and g_entropy) through them."""
-    chunks = _Chunks(hidden, weight, temperature)
+    chunks = _Chunks(hidden, weight, temperature, logit_scale, softcap, with_grad=True)
     d_hidden, d_weight = chunks.grad_buffers(need_hidden_grad, need_weight_grad)
     for start, end, h, z in chunks:
         ent = g_ent = None
@@ -282,7 +302,17 @@ def _cast(t, dtype):
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def validate_logprob_inputs(hidden, weight, targets, temperature, ignore_index):
+def should_check(check, *tensors):
+    """Validate tensor contents (a host sync on GPU) when asked, or by default on CPU where it is free
+    (but not while torch.compile traces: a data-dependent branch would break the graph)."""
+    if check is None:
+        return all(t.device.type == "cpu" for t in tensors) and not torch.compiler.is_compiling()
+    return bool(check)
+
+
+def validate_logprob_inputs(hidden, weight, targets, temperature, ignore_index, check=None, softcap=None,
+                            logit_scale=1.0):
+    """Shapes and arguments always (no sync); target ids in range only when should_check(check)."""
     if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
         raise ValueError(f"hidden (..., H) and weight (V, H) must share H: got hidden {tuple(hidden.shape)}, "
                          f"weight {tuple(weight.shape)}")
@@ -293,52 +323,107 @@ def validate_logprob_inputs(hidden, weight, targets, temperature, ignore_index):
         raise TypeError(f"targets must hold integer token ids, got {targets.dtype}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
-    if bool(bad.any()):
-        raise ValueError(f"target ids must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}; "
-                         f"found {targets[bad][0].item()}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 (or None for no soft-cap), got {softcap}")
+    if not logit_scale > 0:
+        raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
+    if should_check(check, targets):
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(f"target ids must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}; "
+                             f"found {targets[bad][0].item()}")
 
 
-class _FusedLinearLogprob(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, with_entropy, ignore_index):
-        lse, logp, entropy, _, _ = linear_logprob_chunks(hidden, weight, targets, temperature, ignore_index,
-                                                         with_entropy)
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.temperature, ctx.ignore_index = temperature, ignore_index
-        ctx.set_materialize_grads(False)
-        if not with_entropy:
-            return logp
-        return logp, entropy.clamp(0.0, math.log(weight.shape[0]))
+# --- the op: torch.library custom ops with fake implementations, so torch.compile traces
+# through a call without a graph break (the chunk loop runs as one opaque op) -------------
 
-    @staticmethod
-    def backward(ctx, g_logp, g_entropy=None):
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
-        if g_logp is None and g_entropy is None:
-            return None, None, None, None, None, None
-        if g_logp is None:
-            g_logp = torch.zeros_like(lse)
-        d_hidden, d_weight = _linear_logprob_backward(
-            hidden, weight, targets, lse, entropy, g_logp, g_entropy, ctx.temperature, ctx.ignore_index,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return d_hidden, d_weight, None, None, None, None
+@torch.library.custom_op("spell_kernels::linear_logprob", mutates_args=())
+def _linear_logprob_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                       with_entropy: bool, ignore_index: int, logit_scale: float,
+                       softcap: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy ((N,) or (0,) without with_entropy), lse), stat dtype."""
+    lse, logp, entropy, _, _ = linear_logprob_chunks(hidden, weight, targets, temperature, ignore_index,
+                                                     with_entropy, logit_scale=logit_scale, softcap=softcap)
+    if entropy is None:
+        entropy = logp.new_empty(0)
+    else:
+        entropy = entropy.clamp_(0.0, math.log(weight.shape[0]))
+    return logp, entropy, lse
 
 
-def fused_linear_logprob(hidden, weight, targets, temperature=1.0, return_entropy=False, ignore_index=-100):
-    """Log-probability of each target id under softmax(hidden @ weight.T / temperature).
+def stat_dtype(hidden, weight):
+    return torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+
+
+@_linear_logprob_op.register_fake
+def _(hidden, weight, targets, temperature, with_entropy, ignore_index, logit_scale, softcap):
+    n, dt = hidden.shape[0], stat_dtype(hidden, weight)
+    return hidden.new_empty(n, dtype=dt), hidden.new_empty(n if with_entropy else 0, dtype=dt), \
+        hidden.new_empty(n, dtype=dt)
+
+
+@torch.library.custom_op("spell_kernels::linear_logprob_backward", mutates_args=())
+def _linear_logprob_backward_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                lse: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor,
+                                g_entropy: torch.Tensor | None, temperature: float, ignore_index: int,
+                                logit_scale: float, softcap: float | None, need_hidden_grad: bool,
+                                need_weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_hidden, d_weight); a gradient that is not needed comes back as an empty (0,) tensor."""
+    d_hidden, d_weight = linear_logprob_backward(
+        hidden, weight, targets, lse, entropy if g_entropy is not None else None, g_logp, g_entropy,
+        temperature, ignore_index, need_hidden_grad, need_weight_grad, logit_scale, softcap)
+    return (hidden.new_empty(0) if d_hidden is None else d_hidden,
+            weight.new_empty(0) if d_weight is None else d_weight)
+
+
+@_linear_logprob_backward_op.register_fake
+def _(hidden, weight, targets, lse, entropy, g_logp, g_entropy, temperature, ignore_index, logit_scale, softcap,
+      need_hidden_grad, need_weight_grad):
+    return (torch.empty_like(hidden) if need_hidden_grad else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight_grad else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, targets, temperature, with_entropy, ignore_index, logit_scale, softcap = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+    ctx.args = (temperature, with_entropy, ignore_index, logit_scale, softcap)
+
+
+def _backward(ctx, g_logp, g_entropy, _g_lse):
+    hidden, weight, targets, lse, entropy = ctx.saved_tensors
+    temperature, with_entropy, ignore_index, logit_scale, softcap = ctx.args
+    d_hidden, d_weight = _linear_logprob_backward_op(
+        hidden, weight, targets, lse, entropy, g_logp, g_entropy if with_entropy else None, temperature,
+        ignore_index, logit_scale, softcap, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    return (d_hidden if ctx.needs_input_grad[0] else None, d_weight if ctx.needs_input_grad[1] else None,
+            None, None, None, None, None, None)
+
+
+_linear_logprob_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_linear_logprob(hidden, weight, targets, temperature=1.0, return_entropy=False, ignore_index=-100, *,
+                         softcap=None, logit_scale=1.0, check=None):
+    """Log-probability of each target id under softmax(softcap(logit_scale * hidden @ weight.T) / temperature).
 
     hidden (..., H) and weight (V, H) of one floating dtype (or hidden in another; it is
     cast), targets (...) integer ids. Returns logprobs (...) in fp32 (fp64 for fp64
     inputs), and with return_entropy=True also the entropy (...) of the whole distribution,
     in [0, log V]. Positions whose target equals ignore_index give 0 and no gradient.
-    Differentiable with respect to hidden and weight through both outputs; the weight
-    gradient accumulates in fp32. Memory: one chunk of logits (up to 128 MB on CPU, plus
+    softcap=c applies c * tanh(y / c) to the scaled logits y (Gemma 2's final_logit_softcapping);
+    logit_scale multiplies them first (Cohere's logit_scale); temperature divides last, as a
+    sampler would. Differentiable with respect to hidden and weight through both outputs; the
+    weight gradient accumulates in fp32. Memory: one chunk of logits (up to 128 MB on CPU, plus
     a scratch chunk; up to 1 GiB on CUDA) instead of (N, V).
+    check: validate target ids (a host sync on GPU); None = only on CPU tensors.
+    Registered as the custom op torch.ops.spell_kernels.linear_logprob (torch.compile traces it).
     """
-    validate_logprob_inputs(hidden, weight, targets, temperature, ignore_index)
+    validate_logprob_inputs(hidden, weight, targets, temperature, ignore_index, check, softcap, logit_scale)
     lead = hidden.shape[:-1]
-    out = _FusedLinearLogprob.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                    float(temperature), bool(return_entropy), int(ignore_index))
+    logp, entropy, _ = _linear_logprob_op(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                          float(temperature), bool(return_entropy), int(ignore_index),
+                                          float(logit_scale), None if softcap is None else float(softcap))
     if not return_entropy:
-        return out.view(lead)
-    return out[0].view(lead), out[1].view(lead)
+        return logp.view(lead)
+    return logp.view(lead), entropy.view(lead)

@@ -11,10 +11,13 @@ without either every row is one sequence. Causal masks are bottom-right aligned,
 what a KV cache needs (the new queries are the last positions of their sequences).
 """
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from ..flash_attn import flash_attn_varlen_func
+from ._require import require
+
+require("transformers", "transformers")
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask  # noqa: E402
 
 NAME = "spell"
 
@@ -117,3 +120,91 @@ def apply(model, name: str = NAME):
         raise RuntimeError(f"{type(model).__name__} did not accept attn_implementation={name!r} "
                            "(it does not dispatch attention through transformers' AttentionInterface)")
     return model
+
+
+# --- log-prob head --------------------------------------------------------------------
+
+def _logit_transform(config):
+    """(softcap, logit_scale) of the model's final logits, from its config (Gemma 2's
+    final_logit_softcapping, Cohere's logit_scale); (None, 1.0) for Llama / Qwen2 / Qwen3."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)
+    return softcap, 1.0 if scale is None else float(scale)
+
+
+def add_logprob_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                     outputs: tuple = ("log_probs",)):
+    """Give `model` a log-prob head: `model(input_ids, ..., labels=labels, fused_lm_head=True)`
+    returns an output with `log_probs` (B, L-1): log p(labels[:, t+1] | tokens <= t) under
+    softmax(logits / temperature), 0 where the label is -100, and `entropy` (same shape) when
+    "entropy" is in `outputs`, without forming the (B, L, V) logits (spell_kernels.fused_linear_logprob
+    over the positions whose label is not -100). `shift_labels` (B, L) are scored unshifted.
+    `loss` is the mean negative log-likelihood over the scored tokens (or their sum / num_items_in_batch).
+    Without fused_lm_head the forward is the original one (generation is unchanged). This is the
+    contract of TRL's `add_fused_lm_head` (trl.trainer.utils), so TRL's trainers run on it too."""
+    from ..logprob import fused_linear_logprob
+    from transformers.utils import ModelOutput
+    import functools
+    import types
+    from dataclasses import dataclass
+
+    @dataclass
+    class LogprobOutput(ModelOutput):
+        loss: torch.Tensor | None = None
+        log_probs: torch.Tensor | None = None
+        entropy: torch.Tensor | None = None
+        label_mask: torch.Tensor | None = None
+        aux_loss: torch.Tensor | None = None
+        log_sum_sq_probs: torch.Tensor | None = None
+        mean_logits: torch.Tensor | None = None
+        is_top1: torch.Tensor | None = None
+
+    unsupported = set(outputs) - {"log_probs", "entropy"}
+    if unsupported:
+        raise NotImplementedError(f"add_logprob_head computes log_probs and entropy; not {sorted(unsupported)}")
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+        raise NotImplementedError("add_logprob_head: an LM head with a bias is not supported")
+    softcap, logit_scale = _logit_transform(model.config)
+    with_entropy = "entropy" in outputs
+    original_forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            for name, value in (("labels", labels), ("shift_labels", shift_labels),
+                                ("num_items_in_batch", num_items_in_batch)):
+                if value is not None:
+                    kwargs[name] = value
+            return original_forward(*args, **kwargs)
+        if labels is None and shift_labels is None:
+            raise ValueError("fused_lm_head=True scores given labels: pass labels (B, L) or shift_labels")
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden, targets = hidden[:, :-1], labels[:, 1:]
+        else:
+            targets = shift_labels
+        weight = self.get_output_embeddings().weight
+        hidden, targets = hidden.to(weight.device), targets.to(weight.device)
+        if cast_lm_head_to_fp32:
+            hidden, weight = hidden.float(), weight.float()
+        mask = targets != -100
+        picked = fused_linear_logprob(hidden[mask], weight, targets[mask], temperature, with_entropy,
+                                      softcap=softcap, logit_scale=logit_scale)
+        logp, entropy = picked if with_entropy else (picked, None)
+        # masked_scatter keeps an all-masked batch connected to the graph (a zero that backpropagates)
+        logp = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
+        if entropy is not None:
+            entropy = entropy.new_zeros(mask.shape).masked_scatter(mask, entropy)
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return LogprobOutput(loss=-logp.sum() / count, log_probs=logp, entropy=entropy, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
+def apply_all(model, temperature: float = 1.0, outputs: tuple = ("log_probs", "entropy")):
+    """Attention and log-prob head in one call (Llama, Qwen2, Qwen3, ...); returns the model."""
+    apply(model)
+    return add_logprob_head(model, temperature, outputs=outputs)
