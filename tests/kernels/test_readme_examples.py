@@ -54,7 +54,7 @@ def test_trl_example(tmp_path):
     pytest.importorskip("trl", reason="the example needs the extra spell-kernels[trl]")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from spell_core.assets import resolve_model
+    from spell_core.models.assets import resolve_model
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,

@@ -13,7 +13,7 @@ from spell_kernels.integrations import trl as spell_trl  # noqa: E402
 
 
 def _tokenizer():
-    from spell_core.assets import resolve_model
+    from spell_core.models.assets import resolve_model
     return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
 
 
