@@ -14,7 +14,10 @@ Per GPU, two phases that never overlap:
              what is live beside them at the moment the peak falls (`activation_peaks`: the
              loss's logits chunk, a norm's or the MLP's backward temporaries, the head's
              gradient). Under CP a rank holds micro_batch_tokens tokens of the step (its share);
-             the model's parameter dtype is used throughout (bf16 on GPU).
+             the model's parameter dtype is used for compute (bf16 on GPU); a half-precision
+             model trains fp32 master weights: FSDP2 shards them in fp32 and gathers bf16
+             (MixedPrecisionPolicy), one process keeps the bf16 model plus an fp32 copy; the
+             gradients AdamW reads and its two moments are fp32 (spell_core/master_weights.py).
   sampling   every rank holds the full weights (gathered once per step) and runs whole
              prompts: the KV cache of one question's group, prompt + G x max_new_tokens tokens
              (the prompt's KV is shared by the G samples), plus one prefill chunk's working set.
@@ -259,11 +262,14 @@ def plan_memory(shape: Shape, ctx: int, gpus: int = 1, cp: int = 1, gpu_memory: 
                       max_new_tokens)
     b, n = shape.bytes, shape.params()
     shard = math.ceil(n / gpus)
+    master = max(4, b)  # what AdamW steps, its moments and the gradients it reads: fp32 at least
     working_weights = (shape.root_params() + 2 * shape.layer_params()) * b
     parts = plan.parts
-    parts["weights (FSDP2 shard)"] = shard * b
-    parts["gradients (FSDP2 shard)"] = shard * b
-    parts["optimizer state (AdamW, 2 moments)"] = 2 * shard * b
+    parts["weights (FSDP2 shard)"] = shard * (b if gpus == 1 else master)  # FSDP2 shards the fp32 master weights
+    if gpus == 1 and master != b:  # one process: the model's half weights + their fp32 copy (master_weights.py)
+        parts["fp32 master weights"] = n * master
+    parts["gradients (FSDP2 shard)"] = shard * master
+    parts["optimizer state (AdamW, 2 moments)"] = 2 * shard * master
     parts["weights gathered (root + 2 layers)"] = working_weights
     parts["activations, no checkpointing"] = activations(shape, micro_batch_tokens, False)
     parts["activations, gradient checkpointing"] = activations(shape, micro_batch_tokens, True)
@@ -274,7 +280,9 @@ def plan_memory(shape: Shape, ctx: int, gpus: int = 1, cp: int = 1, gpu_memory: 
     parts["sampler: prefill chunk working set"] = chunk * b * (3 * shape.intermediate + 2 * shape.hidden
                                                                  + (shape.heads + 2 * shape.kv_heads) * shape.head_dim)
     act = parts["activations, gradient checkpointing" if gradient_checkpointing else "activations, no checkpointing"]
-    plan.training_peak = 4 * shard * b + working_weights + act
+    plan.training_peak = (parts["weights (FSDP2 shard)"] + parts.get("fp32 master weights", 0)
+                          + parts["gradients (FSDP2 shard)"] + parts["optimizer state (AdamW, 2 moments)"]
+                          + working_weights + act)
     plan.sampling_peak = (n * b + parts[f"sampler: KV cache ({kv_tokens:,} tokens)"]
                           + parts["sampler: prefill chunk working set"])
     plan.advice = _advice(plan)

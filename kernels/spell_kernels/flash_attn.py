@@ -38,6 +38,7 @@ The compile report for sm_90 (registers, spills, instructions per loop step) is
 bench/aot_report.py.
 """
 import math
+import re
 
 import torch
 
@@ -81,6 +82,20 @@ GPU_CONFIGS = {
     "dq": {
         64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
         128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    },
+}
+# Triton 3.6 (the GPU image's version) gives the backward more registers to hold at the configs
+# above, tuned under 3.7.1: dk/dv spills there (D=128: 112 B, D=64: 296 B; dk/dv + atomic dq D=128:
+# 4 B). Under Triton < 3.7 these replace them: no spill, the fewest instructions per query row
+# among the candidates compiled for sm_90 (bench/results/aot.md, "Triton 3.6.0").
+GPU_CONFIGS_BEFORE_TRITON_3_7 = {
+    "dkdv": {
+        64: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+        128: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+    },
+    "dkdv_atomic": {
+        64: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+        128: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
     },
 }
 # float32 inputs on a GPU are for checking, not speed: 3xTF32 dots (about fp32 accuracy) need
@@ -488,7 +503,14 @@ def _config(kind, head_dim, device, dtype):
     if device.type == "cpu":  # TRITON_INTERPRET=1
         return dict(INTERPRET_CONFIG)
     table = (GPU_CONFIGS_FP32 if dtype == torch.float32 else GPU_CONFIGS)[kind]
+    if dtype != torch.float32 and triton_version() < (3, 7):
+        table = {**table, **GPU_CONFIGS_BEFORE_TRITON_3_7.get(kind, {})}
     return dict(table[min(key for key in table if key >= _block_d(head_dim))])
+
+
+def triton_version() -> tuple[int, int]:
+    major, minor = (int(re.match(r"\d+", part).group()) for part in triton.__version__.split(".")[:2])
+    return major, minor
 
 
 def _precision(dtype):

@@ -27,22 +27,42 @@ STAGE_NAMES = (("Q", "questioner"), ("ground", "grounding"), ("R", "responder"),
 
 
 class GpuTelemetry:
-    """Memory, utilisation and power of the current GPU through nvidia-ml-py; an empty dict
-    (and no message) without a GPU, without the library or when NVML fails."""
+    """Memory, utilisation and power of the current GPU through nvidia-ml-py. An empty dict
+    without a GPU (silently), and on a GPU when the library is missing or NVML fails: then the
+    reason is written once to `stream` (stderr), not at every step."""
 
-    def __init__(self, device_index: int | None = None):
+    KEYS = ("gpu_memory_used_gib", "gpu_memory_total_gib", "gpu_utilization_pct", "gpu_power_w")
+
+    def __init__(self, device_index: int | None = None, stream=None):
         self._handle = None
+        self._stream = stream
+        self._said = False
         try:
             import torch
             if not torch.cuda.is_available():
                 return
+        except Exception:
+            return
+        try:
             import pynvml
+        except ImportError as err:
+            self._say_once(f"pynvml cannot be imported ({err}); install nvidia-ml-py")
+            return
+        try:
             pynvml.nvmlInit()
             index = torch.cuda.current_device() if device_index is None else device_index
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             self._nvml = pynvml
-        except Exception:  # ImportError, pynvml.NVMLError (no driver), ...: telemetry is optional
+        except Exception as err:  # pynvml.NVMLError (no driver, no permission), ...: telemetry is optional
             self._handle = None
+            self._say_once(f"NVML failed to start: {type(err).__name__}: {err}")
+
+    def _say_once(self, why: str) -> None:
+        if self._said:
+            return
+        self._said = True
+        print(f"spell: no GPU telemetry in metrics.jsonl ({', '.join(self.KEYS)}): {why}",
+              file=self._stream or sys.stderr, flush=True)
 
     def sample(self) -> dict:
         if self._handle is None:
@@ -52,7 +72,8 @@ class GpuTelemetry:
             memory = nvml.nvmlDeviceGetMemoryInfo(self._handle)
             util = nvml.nvmlDeviceGetUtilizationRates(self._handle)
             power = nvml.nvmlDeviceGetPowerUsage(self._handle)  # milliwatts
-        except nvml.NVMLError:
+        except Exception as err:
+            self._say_once(f"reading NVML failed: {type(err).__name__}: {err}")
             return {}
         return {"gpu_memory_used_gib": memory.used / 2**30, "gpu_memory_total_gib": memory.total / 2**30,
                 "gpu_utilization_pct": float(util.gpu), "gpu_power_w": power / 1000.0}
@@ -70,7 +91,7 @@ class Monitor:
         self.total_steps = total_steps
         self.bars, self.plot_enabled = bars, plot
         self.stream = stream or sys.stderr
-        self.telemetry = GpuTelemetry()
+        self.telemetry = GpuTelemetry(stream=self.stream)
         self.history: list[dict] = []
         path = self.out / METRICS_FILE
         if resume_step is not None and path.exists():

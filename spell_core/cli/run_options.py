@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sample the grounding filter's answers together with the responders' (one decode loop "
                              "instead of two; the answers to questions the filter rejects are dropped) (default: on "
                              "for a CPU run, where a decode step costs nearly the same for 8 rows or 40; off on a GPU)")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay each decode step as a CUDA graph (default: on a GPU when the model supports it)")
     parser.add_argument("--rollback-snapshot", action=argparse.BooleanOptionalAction, default=None,
                         help="keep a host copy of the weights and optimizer state before each optimizer step, to "
                              "roll back a step that leaves NaN/Inf weights (default: on a GPU; off on a CPU, where "
@@ -250,7 +252,7 @@ def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse
         loop=LoopOptions(questions=args.questions, kept_groups=args.kept_groups, max_rounds=args.max_rounds,
                          questioner_reward=args.questioner_reward, kv_budget_tokens=args.kv_budget_tokens,
                          memory_admission=args.memory_admission, enable_thinking=args.enable_thinking,
-                         overlap_grounding=args.overlap_grounding),
+                         overlap_grounding=args.overlap_grounding, cuda_graph=args.cuda_graph),
         out=args.out,
         seed=args.seed,
         steps=args.steps,

@@ -28,16 +28,26 @@ __all__ = ["shard_model", "is_sharded", "sampling_weights", "forward_backward"]
 
 def shard_model(model, topology: Topology):
     """FSDP2 over all ranks: each decoder layer its own unit, embedding / final norm / head the
-    root's. `forward_hidden` (what the trainer and the sampler call) gets FSDP's hooks."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+    root's. `forward_hidden` (what the trainer and the sampler call) gets FSDP's hooks.
+
+    A model loaded in bf16 / fp16 is sharded as fp32 master weights (the optimizer steps them, its
+    moments fp32) gathered in its half dtype for compute, gradients reduced in fp32 (FSDP2's
+    MixedPrecisionPolicy): an update far below half a bf16 ulp is kept (spell_core/master_weights.py
+    does the same for one process)."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if not topology.is_distributed:
         return model
     if is_sharded(model):
         raise ValueError("the model is already sharded (fully_shard was applied before)")
+    half = {p.dtype for p in model.parameters()} & {torch.bfloat16, torch.float16}
+    policy = MixedPrecisionPolicy()
+    if half:
+        policy = MixedPrecisionPolicy(param_dtype=half.pop(), reduce_dtype=torch.float32)
+        model.float()
     for layer in model.model.layers:
-        fully_shard(layer, mesh=topology.world_mesh)
-    fully_shard(model, mesh=topology.world_mesh)
+        fully_shard(layer, mesh=topology.world_mesh, mp_policy=policy)
+    fully_shard(model, mesh=topology.world_mesh, mp_policy=policy)
     register_fsdp_forward_method(model, "forward_hidden")
     for module in model.modules():
         if isinstance(module, FSDPModule):

@@ -21,7 +21,7 @@ from spell_core.sampling.kv_cache import DecodeAttention
 from spell_core.models.rope import rotary_cos_sin
 from spell_kernels._dispatch import kernel_mode
 
-__all__ = ["CudaGraphDecoder", "check_cuda_graph_support"]
+__all__ = ["CudaGraphDecoder", "check_cuda_graph_support", "choose_cuda_graph"]
 
 
 def check_cuda_graph_support(model) -> None:
@@ -32,6 +32,25 @@ def check_cuda_graph_support(model) -> None:
                          "sequence length); use cuda_graph=False")
     if kernel_mode() == "torch":
         raise ValueError("cuda_graph=True needs the Triton decode kernel; unset SPELL_KERNELS=torch")
+
+
+def choose_cuda_graph(model, requested: bool | None, warn=None) -> bool:
+    """Whether the self-play loop decodes with the CUDA graph. requested None (the default): on
+    for a model on CUDA that supports it; a CUDA model that does not gets eager decoding, said once
+    through `warn`. requested True: on, or the reason it cannot be as an error. False: off."""
+    if requested is False:
+        return False
+    if requested is None and model.lm_head_weight.device.type != "cuda":
+        return False
+    try:
+        check_cuda_graph_support(model)
+    except ValueError as err:
+        if requested:
+            raise ValueError(f"--cuda-graph: {err}") from None
+        if warn is not None:
+            warn(f"spell: decoding without the CUDA graph (--no-cuda-graph to silence): {err}")
+        return False
+    return True
 
 
 class CudaGraphDecoder:

@@ -91,6 +91,7 @@ class LoopOptions:
     questioner_reward: str = "gaussian"  # or the ablations "linear" (1 - r), "triangle" (1 - 2|r - 0.5|)
     advantage_eps: float = 1e-6
     kv_budget_tokens: int | None = None  # sampler KV cache size in tokens; None: everything at once
+    cuda_graph: bool | None = None  # replay each decode step as a CUDA graph; None: on CUDA when supported
 
 
 @dataclass

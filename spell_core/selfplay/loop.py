@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,6 +87,14 @@ class SelfPlay:
         self.should_stop = should_stop or (lambda: False)
         self._count_tokens = token_counter(tokenizer)
         self._template = thinking_template_kwargs(tokenizer, self.options.enable_thinking)
+
+    def _use_cuda_graph(self) -> bool:
+        """Decided once, at the first generation (the model's RoPE is final by then)."""
+        if not hasattr(self, "_cuda_graph"):
+            from spell_core.sampling.decode_graph import choose_cuda_graph
+            self._cuda_graph = choose_cuda_graph(self.model, self.options.cuda_graph,
+                                                 warn=lambda line: print(line, file=sys.stderr))
+        return self._cuda_graph
 
     @property
     def _ctx(self) -> int:
@@ -261,6 +270,8 @@ class SelfPlay:
         kwargs = {}
         if self.options.kv_budget_tokens is not None:
             kwargs["kv_budget_tokens"] = self.options.kv_budget_tokens
+        if self._use_cuda_graph():
+            kwargs["cuda_graph"] = True
         samples_count = sum(n) if isinstance(n, list) else n * len(prompts)
         with self.observer.stage(stage, len(prompts), samples_count) as hook:
             def progress(event):

@@ -25,6 +25,12 @@ skips the update, an update that leaves a weight non-finite is rolled back (spel
 both reported in the metrics). CUDA runs the decoder under bf16 autocast (the
 log-probs in the LM head's dtype); CPU runs in the model's dtype.
 
+Precision. A model loaded in bf16 / fp16 (the checkpoint's dtype on CUDA) computes in it, but
+AdamW steps fp32 master copies of its weights with fp32 moments, gradients summed in fp32, and
+the model's weights are then the rounded master weights (spell_core/training/master_weights.py says why
+this layout, and what it costs); updates far below half a bf16 ulp add up instead of rounding away.
+Under FSDP2 the same holds through MixedPrecisionPolicy: fp32 shards, bf16 gathered for compute.
+
 Many ranks (`Trainer(model, options, topology)`, see spell_core/distributed/process_groups.py): the model is
 sharded with FSDP2 over the world, `global_count` is summed over the data-parallel ranks, and
 with cp > 1 every micro-batch is split zigzag across the context-parallel group, a shared
@@ -46,6 +52,7 @@ import spell_kernels
 from spell_core.distributed import context_parallel
 from spell_core.selfplay.batch import ROLES, Trajectory
 from spell_core.distributed.process_groups import all_reduce_sum
+from spell_core.training.master_weights import MasterWeights
 from spell_core.models.model import CausalLM, VarlenCausalAttention
 from spell_core.distributed.sharded_training import forward_backward, shard_model
 from spell_kernels.shared_prefix import SharedPrefixAttention, SharedPrefixLayout
@@ -232,9 +239,13 @@ class Trainer:
         if not options.temperature > 0:
             raise ValueError(f"temperature must be > 0 (the sampling temperature), got {options.temperature}")
         model.gradient_checkpointing = options.gradient_checkpointing
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
+        model_params = [p for p in model.parameters() if p.requires_grad]
+        if not model_params:
             raise ValueError("the model has no trainable parameters (requires_grad is False everywhere)")
+        self.master = MasterWeights(model_params)
+        if self.master.active:  # weights loaded into the model (a resume) are the master weights again
+            model.register_load_state_dict_post_hook(lambda module, keys: self.master.refresh_from_model())
+        self.params = self.master.params  # what the optimizer steps: fp32
         on_cuda = all(p.is_cuda for p in self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=options.lr, betas=tuple(options.betas), eps=options.eps,
                                            weight_decay=options.weight_decay, fused=True if on_cuda else None)
@@ -258,8 +269,9 @@ class Trainer:
         start = time.perf_counter()
         if self.topology is not None:
             self.topology.mark("train step")
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         metrics = self.accumulate_gradients(trajectories)
+        self.master.take_gradients()
         if not metrics["skipped"]:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
             metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -275,11 +287,16 @@ class Trainer:
                     metrics.update(skipped=True, rolled_back=True,
                                    skip_reason="non-finite weights after the update (NaN/Inf): rolled back to "
                                                "the weights and optimizer state before it")
-        self.optimizer.zero_grad(set_to_none=True)
+                self.master.copy_to_model()  # after the check: a raised check leaves the model's weights as they were
+        self._zero_grad()
         metrics.setdefault("grad_norm", None)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["step_time_s"] = time.perf_counter() - start
         return metrics
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.master.zero_grad()
 
     def accumulate_gradients(self, trajectories: list[Trajectory]) -> dict:
         """Forward and backward every micro-batch, adding into .grad (no optimizer step).
@@ -313,7 +330,7 @@ class Trainer:
         except torch.cuda.OutOfMemoryError as err:
             oom_detail = str(err).splitlines()[0] if str(err) else "CUDA out of memory"
         if oom_detail is not None:  # outside the except block: the traceback no longer pins the activations
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             gc.collect()
             torch.cuda.empty_cache()
             raise TrainingOutOfMemoryError(_OOM_ADVICE.format(detail=oom_detail, budget=opts.micro_batch_tokens))
@@ -321,7 +338,7 @@ class Trainer:
         metrics["loss"] = loss
         if finite:
             return metrics | {"skipped": False, "skip_reason": None}
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         return metrics | {"skipped": True, "skip_reason": "non-finite loss (NaN/Inf): update skipped"}
 
     def _forward_backward(self, micro_batches: list[MicroBatch], global_count: int):

@@ -356,3 +356,24 @@ def test_bad_loop_options_are_refused(tiny):
             SelfPlay(model, tokenizer, clusters, config(**{field: value}))
     with pytest.raises(ValueError, match="at least one document cluster"):
         SelfPlay(model, tokenizer, [], config())
+
+
+@pytest.mark.parametrize("chosen", [True, False])
+def test_the_loop_decodes_with_the_cuda_graph_when_it_is_chosen(tiny, doc_qa_only, monkeypatch, chosen):
+    """On CUDA choose_cuda_graph says yes by default (tests/core/test_cuda_graph_choice.py); every
+    generation of the step then asks the sampler for the graph, and none does when it says no."""
+    from spell_core.sampling import decode_graph
+
+    asked = []
+    monkeypatch.setattr(decode_graph, "choose_cuda_graph", lambda model, requested, warn=None: asked.append(requested)
+                        or chosen)
+    seen = []
+    script = scripted_generate(scenario)
+
+    def generate(*args, **kwargs):
+        seen.append(kwargs.get("cuda_graph", False))
+        return script(*args, **kwargs)
+
+    model, tokenizer, clusters = tiny
+    SelfPlay(model, tokenizer, clusters, config(cuda_graph=None), generate=generate).step()
+    assert asked == [None] and len(seen) >= 3 and set(seen) == {chosen}

@@ -50,7 +50,12 @@ def test_telemetry_is_empty_and_silent_on_cpu(capsys):
     assert capsys.readouterr() == ("", "")
 
 
-def test_telemetry_is_silent_when_nvml_fails(monkeypatch, capsys):
+def _fake_cuda(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.current_device", lambda: 0)
+
+
+def test_telemetry_says_once_why_nvml_fails(monkeypatch, capsys):
     class NVMLError(Exception):
         pass
 
@@ -59,10 +64,36 @@ def test_telemetry_is_silent_when_nvml_fails(monkeypatch, capsys):
 
     fake = types.SimpleNamespace(NVMLError=NVMLError, nvmlInit=fail)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    monkeypatch.setattr("torch.cuda.current_device", lambda: 0)
+    _fake_cuda(monkeypatch)
+    telemetry = GpuTelemetry()
+    assert telemetry.sample() == {} and telemetry.sample() == {}
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert "no GPU telemetry" in err and "NVMLError: Driver Not Loaded" in err and "gpu_power_w" in err
+
+
+def test_telemetry_says_once_why_a_reading_fails(monkeypatch, capsys):
+    class NVMLError(Exception):
+        pass
+
+    def fail(handle):
+        raise NVMLError("GPU is lost")
+
+    fake = types.SimpleNamespace(NVMLError=NVMLError, nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: i,
+                                 nvmlDeviceGetMemoryInfo=fail)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    _fake_cuda(monkeypatch)
+    telemetry = GpuTelemetry()
+    assert [telemetry.sample() for _ in range(3)] == [{}, {}, {}]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "reading NVML failed: NVMLError: GPU is lost" in err
+
+
+def test_telemetry_without_pynvml_names_the_package(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml raises ImportError
+    _fake_cuda(monkeypatch)
     assert GpuTelemetry().sample() == {}
-    assert capsys.readouterr() == ("", "")
+    assert "install nvidia-ml-py" in capsys.readouterr().err
 
 
 def test_telemetry_reads_nvml(monkeypatch):
@@ -125,10 +156,11 @@ def test_question_lines_say_what_was_asked_and_how_the_roles_fared(tmp_path, cap
     monitor = Monitor(tmp_path, 1, bars=False, plot=False)
     monitor.log_questions(1, [good, bad])
     lines = capsys.readouterr().out.splitlines()
-    # agreement: (2 of 4 agree with YES + 4 of 4 with NO) / 2 judged answers = 0.75
+    # agreement over the parsable judgments (as released, docs/fidelity.md): (2 of 3 agree with YES
+    # + 4 of 4 with NO) / 2 judged answers = 0.83
     assert lines == [
         "  s0r0q0 doc_qa   ok         | \"Which character says 'To be, or not to be' and in which act of the pl...\" | "
-        "R 2/4 rewarded (1 unparsable) | V 2 judged, agreement 0.75 | Q reward 0.61",
+        "R 2/4 rewarded (1 unparsable) | V 2 judged, agreement 0.83 | Q reward 0.61",
         "  s0r0q1 doc_mc   bad_format | 'I cannot write a question' | no JSON object found",
     ]
     assert len((tmp_path / "questions.jsonl").read_text().splitlines()) == 2

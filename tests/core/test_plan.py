@@ -33,8 +33,14 @@ def test_qwen3_8b_at_128k_on_8_gpus_by_hand():
     p = plan.plan_memory(shape, 131072, gpus=8, cp=4, gpu_memory=80 * GiB, gradient_checkpointing=True)
     n = shape.params()
     assert p.micro_batch_tokens == 32768  # 128k over 4 CP ranks
-    assert p.parts["weights (FSDP2 shard)"] == -(-n // 8) * 2  # bf16
-    assert p.parts["optimizer state (AdamW, 2 moments)"] == 2 * -(-n // 8) * 2
+    # a bf16 model trains fp32 master weights: FSDP2 shards them (and the gradients, AdamW's moments) in fp32
+    shard = -(-n // 8)
+    assert p.parts["weights (FSDP2 shard)"] == shard * 4
+    assert p.parts["gradients (FSDP2 shard)"] == shard * 4
+    assert p.parts["optimizer state (AdamW, 2 moments)"] == 2 * shard * 4
+    assert "fp32 master weights" not in p.parts
+    assert p.training_peak == 16 * shard + p.parts["weights gathered (root + 2 layers)"] \
+        + p.parts["activations, gradient checkpointing"]
     # K and V, 36 layers x 8 heads x 128 x 2 bytes, for the prompt and 8 x 4096 new tokens
     assert p.parts["sampler: KV cache (163,840 tokens)"] == (131072 + 8 * 4096) * 2 * 36 * 8 * 128 * 2
     # saved per token and layer, bf16 (b = 2) with fp32 norm copies: two RMSNorms (4 + 2 + 2) x 4096,
@@ -65,6 +71,20 @@ def test_qwen3_8b_at_128k_on_8_gpus_by_hand():
     assert p.fits and "fits with" in p.advice[0]
     without = plan.plan_memory(shape, 131072, gpus=8, cp=4, gpu_memory=80 * GiB)
     assert not without.fits and "--gradient-checkpointing" in without.advice[0]
+
+
+def test_one_gpu_counts_the_bf16_model_and_its_fp32_master_copy():
+    """One process (spell_core/master_weights.py): bf16 weights 2 + fp32 master 4 + fp32 gradients 4 +
+    fp32 moments 8 = 18 bytes per parameter; an fp32 model has no copy: 4 + 4 + 8 = 16."""
+    shape = plan.Shape.from_config(qwen3_8b())
+    n = shape.params()
+    p = plan.plan_memory(shape, 8192, gpus=1, gpu_memory=200 * GiB, gradient_checkpointing=True)
+    static = p.training_peak - p.parts["weights gathered (root + 2 layers)"] - p.parts["activations, gradient checkpointing"]
+    assert p.parts["fp32 master weights"] == 4 * n and static == 18 * n
+    fp32 = plan.Shape.from_config(qwen3_8b(), dtype="float32")
+    p = plan.plan_memory(fp32, 8192, gpus=1, gpu_memory=200 * GiB, gradient_checkpointing=True)
+    static = p.training_peak - p.parts["weights gathered (root + 2 layers)"] - p.parts["activations, gradient checkpointing"]
+    assert "fp32 master weights" not in p.parts and static == 16 * n
 
 
 def test_linear_in_the_context():
