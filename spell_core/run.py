@@ -96,8 +96,6 @@ def _train_on_ranks(config: RunConfig, args, train_options, budget: int) -> int:
     from spell_core.distributed.process_groups import failure_guard, init_distributed, log_other_ranks_to_files, shutdown
 
     topology = init_distributed(args.cp, device=config.model.device, timeout_s=args.dist_timeout)
-    if topology.is_distributed and args.loss_agg is None:  # released weights: one process only (docs/fidelity.md)
-        train_options.agg = "token-mean"
     if not topology.is_distributed:
         return _train(config, args, train_options, budget, topology)
     config.model.device = str(topology.device)

@@ -267,7 +267,7 @@ def trainer_options(config: RunConfig, args: argparse.Namespace):
     options = TrainerOptions(micro_batch_tokens=args.micro_batch_tokens, temperature=config.sampling.temperature,
                              gradient_checkpointing=args.gradient_checkpointing, clip_low=args.clip_low,
                              clip_high=args.clip_high, dual_clip=args.dual_clip or None,
-                             rollback_snapshot=args.rollback_snapshot, agg=args.loss_agg or "released")
+                             rollback_snapshot=args.rollback_snapshot, agg=args.loss_agg)
     if args.lr is not None:
         options.lr = args.lr
     return options

@@ -44,7 +44,7 @@ import gc
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -71,7 +71,9 @@ class TrainerOptions:
     clip_low: float = 0.2  # ratio clip 1 - 0.2 .. 1 + 0.2 (the released scripts)
     clip_high: float = 0.2
     dual_clip: float | None = 3.0  # for A < 0 the loss is at most -A * 3 (dual clip); None: off
-    agg: str = "released"  # --loss-agg: released | token-mean | seq-mean-token-mean (spell_core/training/loss_weights.py)
+    # --loss-agg: released | token-mean | seq-mean-token-mean (spell_core/training/loss_weights.py);
+    # None: released on one process, token-mean on several ranks or with cp (released is one-process only)
+    agg: str | None = None
     temperature: float = 0.7  # the sampling temperature: log-probs are scored at the one they were sampled at
     micro_batch_tokens: int = 32768  # packed tokens per forward/backward pass
     gradient_checkpointing: bool = False
@@ -230,6 +232,9 @@ class Trainer:
         self._cp = topology.cp if topology is not None else 1
         if self._distributed:
             shard_model(model, topology)  # before the optimizer: it must hold the sharded parameters
+        if options.agg is None:
+            options = self.options = replace(options, agg="token-mean" if self._distributed or self._cp > 1
+                                             else "released")
         if options.agg not in ("released", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
             raise ValueError(f"agg={options.agg!r} (--loss-agg): expected released, token-mean, seq-mean-token-mean "
                              "or seq-mean-token-sum")
