@@ -5,7 +5,8 @@ hold the whole cluster, and the update on them, with a tiny random model whose p
 
 Outputs are scripted (tests/core/scripted.py): a well-formed doc_qa question, responders right
 half the time, verifiers that judge correctly but one; so the step always has a responder group with
-reward variance, a questioner sample and verifier groups to train. The responder stage also runs
+reward variance and a questioner sample to train (with one question the verifier batch is
+floor(1 / G) = 0 groups: no verifier update, as in the released trainer, docs/fidelity.md). The responder stage also runs
 the real sampler on its 128k prompt: the responders keep the script's texts (so the rewards are
 the script's) but carry the sampler's token ids and log-probs, so that the update's own forward
 scores the sampler's tokens at positions 131k: the trainer's log-probs of them must equal the
@@ -161,7 +162,10 @@ def test_one_self_play_step_and_update_at_the_full_context(tmp_path, monkeypatch
     assert len(sampled) == 1 and len(samples) == G
     assert all(1 <= len(c.token_ids) <= RESPONSE and all(-1e4 < lp <= 0 for lp in c.logprobs) for c in samples)
     roles = {t.role for t in result.trajectories}
-    assert roles == {"questioner", "responder", "verifier"}, roles
+    # one question, one questioner positive: the verifier batch is floor(1 / G) = 0 groups, so the
+    # released trainer (docs/fidelity.md) skips the verifier update this step; the verifier's prompts
+    # hold no documents, so the long context is the questioner's and the responders'
+    assert roles == {"questioner", "responder"}, roles
     responders = [t for t in result.trajectories if t.role == "responder"]
     assert len(responders) == G and len({tuple(t.prompt_ids) for t in responders}) == 1
     # the responder reads the whole cluster (--ctx tokens of documents); with the prompt around it and
@@ -182,8 +186,7 @@ def test_one_self_play_step_and_update_at_the_full_context(tmp_path, monkeypatch
     # only the responder prompt holds the whole cluster; the questioner's (empty memory) holds 5 new documents
     one_per_role = {t.role: t for t in result.trajectories}
     shown = {role: tokenizer.decode(t.prompt_ids).count("<document>") for role, t in one_per_role.items()}
-    assert shown == {"questioner": min(5, len(clusters[0].documents)), "responder": len(clusters[0].documents),
-                     "verifier": 0}
+    assert shown == {"questioner": min(5, len(clusters[0].documents)), "responder": len(clusters[0].documents)}
     assert float((model.lm_head_weight.detach() - before).abs().max()) > 0
 
     # the update's forward scored the sampler's tokens after the whole cluster: its log-probs equal the
