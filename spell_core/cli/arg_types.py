@@ -65,6 +65,17 @@ def dual_clip(text: str) -> float:
     return value
 
 
+def learning_rate(text: str) -> float:
+    """A positive finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
 def context_length(text: str) -> int:
     """16k, 128k, 131072, 1m (spell_core.selfplay.config.parse_ctx)."""
     from spell_core.selfplay.config import parse_ctx
@@ -73,7 +84,6 @@ def context_length(text: str) -> int:
         return parse_ctx(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-
 
 
 def device(text: str) -> str:

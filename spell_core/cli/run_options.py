@@ -6,7 +6,7 @@ import argparse
 
 from spell_core.cli import arg_types
 from spell_core.common.cpu_threads import idle_core_threads
-from spell_core.selfplay.config import DataOptions, LoopOptions, ModelOptions, RunConfig, SamplingOptions, parse_ctx
+from spell_core.selfplay.config import DataOptions, LoopOptions, ModelOptions, RunConfig, SamplingOptions
 
 # SPEC.md's scale (one GPU: 480 questions a round, at most 10 rounds, N = 128 kept groups) and
 # the reduced defaults that let `make run` finish a real step on a 2-core CPU in minutes.
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     def both(key):
         return f"{GPU_DEFAULTS[key]} / {CPU_DEFAULTS[key]}"
 
-    parser.add_argument("--ctx", type=_ctx_argument, default=None,
+    parser.add_argument("--ctx", type=arg_types.context_length, default=None,
                         help="* document budget per cluster in tokens: 16k, 128k, 131072, 1m (default: 16k / 1k); "
                              "the instructions and the response come on top, and RoPE scaling (YaRN) extends the "
                              "model only when its native context cannot hold ctx + prompt + response")
@@ -55,26 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=defaults.out,
                         help=f"run folder: config, metrics, plot, checkpoints (default: {defaults.out})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"random seed (default: {defaults.seed})")
-    parser.add_argument("--device", type=_device_argument, default=defaults.model.device,
+    parser.add_argument("--device", type=arg_types.device, default=defaults.model.device,
                         help="auto (cuda when available), cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--steps", type=_count(0), default=None, help=f"* self-play steps to run (default: {both('steps')})")
-    parser.add_argument("--questions", type=_count(1), default=None,
+    parser.add_argument("--steps", type=arg_types.count(0), default=None, help=f"* self-play steps to run (default: {both('steps')})")
+    parser.add_argument("--questions", type=arg_types.count(1), default=None,
                         help=f"* questions generated per round (default: {both('questions')})")
-    parser.add_argument("--kept-groups", type=_count(1), default=None,
+    parser.add_argument("--kept-groups", type=arg_types.count(1), default=None,
                         help=f"* N: responder groups with non-zero reward variance to collect per step "
                              f"(default: {both('kept_groups')})")
-    parser.add_argument("--max-rounds", type=_count(1), default=None,
+    parser.add_argument("--max-rounds", type=arg_types.count(1), default=None,
                         help=f"* cap on generation rounds per step (default: {both('max_rounds')})")
-    parser.add_argument("--group-size", type=_count(2, "with one sample per question rewards cannot vary, so "
+    parser.add_argument("--group-size", type=arg_types.count(2, "with one sample per question rewards cannot vary, so "
                                                     "nothing ever trains"), default=None,
                         help=f"* G: responder samples per question and verifier judgments per answer "
                              f"(default: {both('group_size')})")
-    parser.add_argument("--max-new-tokens", type=_count(1), default=None,
+    parser.add_argument("--max-new-tokens", type=arg_types.count(1), default=None,
                         help=f"* longest response of every role, in tokens (default: {both('max_new_tokens')})")
-    parser.add_argument("--lr", type=_learning_rate, default=None, help="AdamW learning rate, constant (default: 2e-6)")
-    parser.add_argument("--micro-batch-tokens", type=_count(1), default=None,
+    parser.add_argument("--lr", type=arg_types.learning_rate, default=None, help="AdamW learning rate, constant (default: 2e-6)")
+    parser.add_argument("--micro-batch-tokens", type=arg_types.count(1), default=None,
                         help=f"* packed tokens per forward/backward pass (default: {both('micro_batch_tokens')})")
-    parser.add_argument("--save-every", type=_count(1), default=None,
+    parser.add_argument("--save-every", type=arg_types.count(1), default=None,
                         help=f"* checkpoint every this many steps, and always at exit (default: {both('save_every')})")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                         help="continue from the latest complete checkpoint in --out, or from the checkpoint PATH")
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(OUT.replaced-DATE-TIME)")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="--resume with options that differ from the stored run's config.json (listed)")
-    parser.add_argument("--kv-budget-tokens", type=_count(1), default=None,
+    parser.add_argument("--kv-budget-tokens", type=arg_types.count(1), default=None,
                         help="sampler KV cache size in tokens; prompts beyond it run in waves "
                              "(default: everything at once on a CPU, half the free memory on a GPU)")
     parser.add_argument("--questioner-reward", choices=("gaussian", "linear", "triangle"), default="gaussian",
@@ -103,12 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep a host copy of the weights and optimizer state before each optimizer step, to "
                              "roll back a step that leaves NaN/Inf weights (default: on a GPU; off on a CPU, where "
                              "the copy costs 3x the weights in memory and a NaN/Inf step stops the run unsaved)")
-    parser.add_argument("--threads", type=_count(0), default=None,
+    parser.add_argument("--threads", type=arg_types.count(0), default=None,
                         help="CPU threads of torch; 0: torch's default, one per core (default on a CPU run: the "
                              "idle cores (measured over half a second), at least 1, since a thread waiting for "
                              "a busy core slows every matrix product; 0 on a GPU run)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (summary lines only)")
-    parser.add_argument("--cp", type=_count(1), default=1,
+    parser.add_argument("--cp", type=arg_types.count(1), default=1,
                         help="context parallel size: ranks sharing each training sequence (zigzag ring attention); "
                              "launch with torchrun --nproc-per-node N, N a multiple of it; the other factor is data "
                              "parallel (default: 1)")
@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-data", default=None, metavar="FILE",
                         help="evaluate the model on these questions (any format of python -m spell_core.eval) at "
                              "step 0 and every --eval-every steps: pass@k per task type in metrics.jsonl/png")
-    parser.add_argument("--eval-every", type=_count(1), default=10, help="steps between evaluations (default: 10)")
-    parser.add_argument("--eval-n", type=_count(1), default=4, help="samples per eval question (default: 4)")
+    parser.add_argument("--eval-every", type=arg_types.count(1), default=10, help="steps between evaluations (default: 10)")
+    parser.add_argument("--eval-n", type=arg_types.count(1), default=4, help="samples per eval question (default: 4)")
     parser.add_argument("--report-to", type=_report_to_argument, default=(), metavar="NAMES",
                         help="also send every step's metrics and questions to tensorboard, wandb (comma-separated) or "
                              "none; W&B runs offline without an API key (default: none)")
@@ -159,53 +159,6 @@ def _report_to_argument(text: str) -> tuple[str, ...]:
         return parse_report_to(text)
     except ReporterError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _ctx_argument(text: str) -> int:
-    try:
-        return parse_ctx(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _count(minimum: int, why: str = ""):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}" + (f": {why}" if why else ""))
-        return value
-    return parse
-
-
-def _learning_rate(text: str) -> float:
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
-    return value
-
-
-def _device_argument(text: str) -> str:
-    import torch
-
-    if text == "auto":
-        return text
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"device {text!r} is not understood: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"device {text!r} asked for, but no CUDA GPU is available; use cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"device {text!r}: only cpu and cuda are supported")
-    return text
 
 
 def _resolve_device(device: str) -> str:
