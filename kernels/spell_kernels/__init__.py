@@ -36,6 +36,8 @@ _EXPORTS = {
     "FusedLinearLogprob": "modules",
     "FusedLinearCrossEntropyLoss": "modules",
     "FusedLinearGRPOLoss": "modules",
+    # mixture of experts
+    "moe_experts": "moe",
     # packing
     "pack": "packing",
     "unpack": "packing",
