@@ -305,3 +305,21 @@ def test_replay_without_a_layers_ids_or_with_the_wrong_shape_says_so():
     bad = {i: torch.zeros(4, 2, dtype=torch.uint8) for i in (0, 2, 3)}
     with pytest.raises(ValueError, match=r"layer 0 has expert ids of shape \(4, 2\), expected \(5, 2\)"):
         ours(ids, routing=Routing("replay", bad))
+
+
+def test_train_state_checkpoint_round_trip(tmp_path):
+    from spell_core.training import train_state
+
+    model = ours_from_hf(make_hf("k2_norm"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.token_logprobs(seqs_and_packed()[1]).sum().backward()
+    optimizer.step()
+    folder = train_state.save(tmp_path, 3, model, tiny_tokenizer(), optimizer)
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert "model.layers.2.mlp.experts.5.up_proj.weight" in set(f.keys())
+    fresh = ours_from_hf(make_hf("k2_norm", seed=1))
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    assert train_state.load(tmp_path, fresh, fresh_optimizer)[0] == 3
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    saved_avg = optimizer.state_dict()["state"][5]["exp_avg"]
+    assert torch.equal(fresh_optimizer.state_dict()["state"][5]["exp_avg"], saved_avg)
