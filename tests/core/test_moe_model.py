@@ -152,19 +152,21 @@ def test_record_returns_transformers_top_k_where_there_is_no_near_tie(name):
 
 
 def test_replaying_a_recording_reproduces_the_forward_and_recording_is_kept_through_checkpointing():
+    """Gradient checkpointing: the same log-probs, recording, gradients (aux loss included), one count."""
     hf = make_hf("k2_norm")
     ours = ours_from_hf(hf)
     _, ids, cu = seqs_and_packed()
+    ours.router_aux_loss_coef = 0.01  # its sums leave the checkpointed layers: their gradient must still arrive
     recorded = Routing("record")
     plain = ours.token_logprobs(ids, cu, routing=recorded)
-    plain.sum().backward()
+    (plain.sum() + ours.router_aux_loss).backward()
     grads = {n: p.grad.clone() for n, p in ours.named_parameters()}
     ours.zero_grad()
     ours.gradient_checkpointing = True
     ours.read_expert_load()
     again = Routing("record")
     checkpointed = ours.token_logprobs(ids, cu, routing=again)
-    checkpointed.sum().backward()
+    (checkpointed.sum() + ours.router_aux_loss).backward()
     assert torch.equal(checkpointed, plain)
     assert all(torch.equal(again.experts[i], recorded.experts[i]) for i in recorded.experts)
     for n, p in ours.named_parameters():
