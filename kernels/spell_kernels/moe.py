@@ -234,6 +234,11 @@ def block_m(device) -> int:
 def _config(kind, device, dtype):
     if device.type == "cpu":
         return dict(INTERPRET_CONFIGS[kind])
+    return gpu_config(kind, dtype)
+
+
+def gpu_config(kind, dtype):
+    """The tiles of kernel `kind` on a GPU for this data type and the installed Triton."""
     if dtype == torch.float32:
         return dict(GPU_CONFIGS_FP32[kind])
     table = GPU_CONFIGS
