@@ -19,11 +19,11 @@ Triton path (CUDA tensors; SPELL_KERNELS=triton + TRITON_INTERPRET=1 in tests), 
             d hidden: d gate/up @ gate_up_e per row (P, H), then combined like the forward (weights 1)
 Grids come from shapes only (moe_routing.MoeRouting.max_tiles): no host sync, CUDA-graph safe.
 Row offsets are 64-bit. Matmuls accumulate in fp32; float64 inputs take the PyTorch path.
-CPU path: the loop over experts (reference.moe_experts, also the tests' oracle).
+PyTorch path (CPU tensors, and float64): a loop over experts on rows sorted by expert
+(moe_experts_torch); reference.moe_experts is the plain loop (the benchmark's baseline).
 """
 import torch
 
-from . import reference
 from ._dispatch import use_triton
 from ._triton import tl, triton
 from .moe_routing import MoeRouting, expert_tile, moe_routing
@@ -375,6 +375,28 @@ class _MoeExperts(torch.autograd.Function):
         return d_hidden, d_gate_up, d_down, None, d_weights, None
 
 
+# ----------------------------------------------------------------------------- PyTorch path
+
+def moe_experts_torch(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
+    """The loop over experts on rows sorted by expert once (a stable sort; one host read of the counts),
+    so each expert takes a contiguous slice instead of scanning all T x k ids; autograd backward."""
+    n_tokens, top_k = topk_ids.shape
+    flat = topk_ids.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=gate_up_proj.shape[0]).tolist()
+    token = order // top_k
+    x = hidden.to(gate_up_proj.dtype)[token]
+    rows, start = [], 0
+    for expert, count in enumerate(counts):
+        if count:
+            gate, up = torch.nn.functional.linear(x[start:start + count], gate_up_proj[expert]).chunk(2, dim=-1)
+            rows.append(torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down_proj[expert]))
+        start += count
+    y = torch.cat(rows) if rows else x.new_zeros(0, hidden.shape[1])
+    y = y * topk_weights.reshape(-1)[order, None].to(y.dtype)
+    return torch.zeros_like(hidden).index_add(0, token, y.to(hidden.dtype))
+
+
 # ----------------------------------------------------------------------------- public op
 
 def _validate(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
@@ -401,12 +423,12 @@ def moe_experts(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: tor
     """The MoE experts' output (T, H) in hidden's dtype (see the module docstring).
     Expert ids are checked on CPU tensors only (a check on CUDA would sync the host)."""
     _validate(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
-    triton_ok = gate_up_proj.dtype in (torch.float16, torch.bfloat16, torch.float32)
-    if not triton_ok or not use_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
-        return reference.moe_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
     if hidden.shape[0] == 0:
         # no rows: zeros, still attached to every input so that backward gives them zero gradients
         return hidden * 0 + (0 * (gate_up_proj.sum() + down_proj.sum() + topk_weights.sum())).to(hidden.dtype)
+    triton_ok = gate_up_proj.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if not triton_ok or not use_triton(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
+        return moe_experts_torch(hidden, gate_up_proj, down_proj, topk_ids, topk_weights)
     # the backward's saved activations, only when a gradient will be asked for (not while sampling)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, gate_up_proj, down_proj, topk_weights))
     return _MoeExperts.apply(hidden, gate_up_proj.contiguous(), down_proj.contiguous(), topk_ids, topk_weights, save)

@@ -91,7 +91,9 @@ def test_triton_matches_the_oracle_and_unused_experts_get_exact_zero_gradients(t
     assert bool(unused) == (case in ("one token", "all tokens on one expert", "empty first and last expert"))
 
 
-def test_zero_tokens_give_empty_output_and_zero_gradients(triton_path):
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_zero_tokens_give_empty_output_and_zero_gradients(monkeypatch, path):
+    monkeypatch.setenv("SPELL_KERNELS", path)
     ids = torch.zeros(0, 2, dtype=torch.long)
     inputs, grad_out = _inputs(ids, 3)
     out, d_hidden, d_gate_up, d_down, d_weights = _run(sk.moe_experts, inputs, grad_out)
@@ -125,7 +127,7 @@ def test_the_forward_reads_no_device_data_on_the_host(triton_path, monkeypatch):
     _check([out], [want])
 
 
-@pytest.mark.parametrize("case", ["empty first and last expert", "replayed ids, repeats within a token"])
+@pytest.mark.parametrize("case", CASES)
 def test_cpu_path_matches_the_oracle(torch_path, case):
     ids, n_experts = _ids(case)
     inputs, grad_out = _inputs(ids, n_experts)
