@@ -386,12 +386,13 @@ def moe_experts_torch(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
     counts = torch.bincount(flat, minlength=gate_up_proj.shape[0]).tolist()
     token = order // top_k
     x = hidden.to(gate_up_proj.dtype)[token]
-    rows, start = [], 0
-    for expert, count in enumerate(counts):
-        if count:
-            gate, up = torch.nn.functional.linear(x[start:start + count], gate_up_proj[expert]).chunk(2, dim=-1)
-            rows.append(torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down_proj[expert]))
-        start += count
+    rows = []
+    # split, not slicing: the backward of one split joins the pieces once (a slice's backward
+    # would write a zero-filled gradient of all P rows per expert); unbind likewise for the weights
+    for part, w_gate_up, w_down in zip(x.split(counts), gate_up_proj.unbind(0), down_proj.unbind(0)):
+        if part.shape[0]:
+            gate, up = torch.nn.functional.linear(part, w_gate_up).chunk(2, dim=-1)
+            rows.append(torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w_down))
     y = torch.cat(rows) if rows else x.new_zeros(0, hidden.shape[1])
     y = y * topk_weights.reshape(-1)[order, None].to(y.dtype)
     return torch.zeros_like(hidden).index_add(0, token, y.to(hidden.dtype))
