@@ -24,14 +24,14 @@ def _oracle(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
     return torch.stack(rows) if rows else hidden * 0
 
 
-def _inputs(ids, n_experts, seed=0):
+def _inputs(ids, n_experts, seed=0, hidden_size=H, inter=I):
     gen = torch.Generator().manual_seed(seed)
     n_tokens = ids.shape[0]
-    hidden = torch.randn(n_tokens, H, generator=gen)
-    gate_up = torch.randn(n_experts, 2 * I, H, generator=gen) / H ** 0.5
-    down = torch.randn(n_experts, H, I, generator=gen) / I ** 0.5
+    hidden = torch.randn(n_tokens, hidden_size, generator=gen)
+    gate_up = torch.randn(n_experts, 2 * inter, hidden_size, generator=gen) / hidden_size ** 0.5
+    down = torch.randn(n_experts, hidden_size, inter, generator=gen) / inter ** 0.5
     weights = torch.rand(ids.shape, generator=gen) + 0.1
-    grad_out = torch.randn(n_tokens, H, generator=gen)
+    grad_out = torch.randn(n_tokens, hidden_size, generator=gen)
     return (hidden, gate_up, down, ids, weights), grad_out
 
 
@@ -89,6 +89,17 @@ def test_triton_matches_the_oracle_and_unused_experts_get_exact_zero_gradients(t
     for e in unused:
         assert torch.equal(got[2][e], torch.zeros_like(got[2][e])) and torch.equal(got[3][e], torch.zeros_like(got[3][e]))
     assert bool(unused) == (case in ("one token", "all tokens on one expert", "empty first and last expert"))
+
+
+def test_several_tiles_along_every_dimension_with_ragged_edges(triton_path, monkeypatch):
+    """Tiles of 16 on H 40 and I 24: every matmul loops over several K steps and N blocks, each
+    with a partial last one; experts get 1 to 3 row tiles."""
+    small = dict(BLOCK_N=16, BLOCK_K=16)
+    monkeypatch.setattr(moe, "INTERPRET_CONFIGS", {"gate_up": small, "matmul": small, "combine": dict(BLOCK=16),
+                                                   "weight_grad": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)})
+    ids = torch.randint(0, 3, (19, 2), generator=torch.Generator().manual_seed(6))
+    inputs, grad_out = _inputs(ids, 3, seed=7, hidden_size=40, inter=24)
+    _check(_run(sk.moe_experts, inputs, grad_out), _run(_oracle, inputs, grad_out, torch.float64))
 
 
 @pytest.mark.parametrize("path", ["triton", "torch"])
