@@ -4,6 +4,7 @@ algorithm of Triton's fused-attention tutorial (bench/tutorial_attn.py) built th
 
     .venv/bin/python bench/aot_report.py            # prints the markdown table
     .venv/bin/python bench/aot_report.py --out bench/results/aot.md
+    .venv/bin/python bench/aot_report.py --kernels moe   # the MoE kernels only (tests/kernels/moe_aot.py)
 
 Per kernel: registers and spilled bytes per thread (ptxas -v), shared memory per block, whether
 matmuls lowered to wgmma and loads to TMA, and instructions per thread per loop step: the SASS
@@ -176,16 +177,46 @@ def report(head_dims=HEAD_DIMS, data_types=DATA_TYPES, tutorial=True):
     return rows
 
 
+def moe_report(data_types=("bf16", "fp16", "fp32")):
+    """(label, result) per MoE kernel launch of one forward + backward at a Qwen3-30B-A3B layer shape,
+    as moe_experts launches them on a GPU (tests/kernels/moe_aot.py), built for sm_90."""
+    from tests.kernels.aot_launch import compile_launches_for_hopper
+    from tests.kernels.moe_aot import moe_launches
+    os.environ["SPELL_KERNELS"] = "triton"  # the launchers' Triton branch, recorded (not run) on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    labelled = [x for d in data_types for x in moe_launches(dtypes[d])]
+    results = compile_launches_for_hopper([launch for _, launch in labelled])
+    return [(label, res) for (label, _), res in zip(labelled, results)]
+
+
+def moe_markdown(rows):
+    lines = ["| MoE kernel (T 4096, H 2048, I 768, E 128, k 8) | warps | stages | registers | spill B | shared KiB "
+             "| wgmma |", "|---|---|---|---|---|---|---|"]
+    for label, res in rows:
+        lines.append(f"| {label} | {res['num_warps']} | {res['num_stages']} | {res['registers']} | {res['spill_bytes']} "
+                     f"| {res['shared'] / 1024:.1f} | {'yes' if 'wgmma' in res['ptx'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="also write the table (markdown) to this file")
     parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
     parser.add_argument("--dtypes", nargs="+", default=list(DATA_TYPES))
+    parser.add_argument("--kernels", choices=("all", "attention", "moe"), default="all")
     args = parser.parse_args()
-    rows = report(args.head_dims, args.dtypes)
-    table = markdown(rows)
+    tables, over = [], []
+    if args.kernels in ("all", "attention"):
+        rows = report(args.head_dims, args.dtypes)
+        tables.append(markdown(rows))
+        over += [label for label, _, a, _ in rows if a["shared"] > HOPPER_SHARED_LIMIT]
+    if args.kernels in ("all", "moe"):
+        moe_rows = moe_report(args.dtypes + (["fp32"] if "fp32" not in args.dtypes else []))
+        tables.append(moe_markdown(moe_rows))
+        over += [label for label, res in moe_rows if res["shared"] > HOPPER_SHARED_LIMIT]
+    table = "\n\n".join(tables)
     print(table)
-    over = [label for label, _, a, _ in rows if a["shared"] > HOPPER_SHARED_LIMIT]
     if over:
         print("over Hopper's shared memory:", over)
     if args.out:

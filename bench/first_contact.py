@@ -14,6 +14,10 @@ stage on CPU at tiny shapes (the Triton interpreter): tests/core/test_gpu_first_
   attention  attention TFLOP/s vs SDPA and a measured bf16 matmul peak at 4k-64k (bench/gpu_attention.py)
   logprob    fused log-prob vs naive, peak memory and time at 32k x 4096 x 128k (bench/test_bench_logprob.py)
   sampler    our sampler's tokens/s, eager and CUDA graph, vs transformers generate on the same weights
+  moe        the MoE grouped GEMM (spell_kernels.moe_experts) against a loop over experts on the device:
+             bf16 forward + all four gradients vs float64, empty experts' exact zero gradients, bitwise
+             reruns, a CUDA-graph capture of the forward; then TFLOP/s of both, forward and forward +
+             backward, at a Qwen3-30B-A3B layer (H 2048, I 768, E 128, k 8), T 4096 and 16384
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STAGE_NAMES = ("env", "kernels", "run", "attention", "logprob", "sampler")
+STAGE_NAMES = ("env", "kernels", "run", "attention", "logprob", "sampler", "moe")
 if __name__ == "__main__" and (len(sys.argv) != 2 or sys.argv[1] not in STAGE_NAMES):  # before the slow imports
     raise SystemExit(f"usage: {sys.argv[0]} {{{','.join(STAGE_NAMES)}}}")
 
@@ -468,8 +472,87 @@ def stage_sampler() -> int:
     return 0
 
 
+# --- (g) MoE grouped GEMM ---------------------------------------------------------------------------
+
+def _moe_check(dtype):
+    """Ours and the loop in dtype against the loop in float64: ours within 2x the loop's own error
+    (or a floor: 1e-2 of the largest value in bf16, 1e-4 in fp32)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import test_bench_moe as bm
+    from spell_kernels import reference
+    shape = dict(hidden=32, inter=16, experts=8, top_k=2) if DRY else dict(hidden=1024, inter=384, experts=32, top_k=8)
+    x = bm.make_inputs(40 if DRY else 2048, **shape, dtype=dtype, device=DEV, seed=5)
+    x["topk_ids"] = torch.where(x["topk_ids"] == shape["experts"] - 1, 0, x["topk_ids"])  # the last expert: empty
+    names = ("hidden", "gate_up_proj", "down_proj", "topk_weights")
+
+    def grads(fn, cast):
+        leaves = {k: x[k].detach().to(cast(x[k].dtype)).requires_grad_(True) for k in names}
+        out = fn(leaves["hidden"], leaves["gate_up_proj"], leaves["down_proj"], x["topk_ids"], leaves["topk_weights"])
+        out.backward(x["grad"].to(out.dtype))
+        return [out.detach()] + [leaves[k].grad for k in names]
+
+    import spell_kernels as sk
+    ours = grads(sk.moe_experts, lambda d: d)
+    again = grads(sk.moe_experts, lambda d: d)
+    base = grads(reference.moe_experts, lambda d: d)
+    exact = grads(reference.moe_experts, lambda d: torch.float64)
+    parts = []
+    floor = {torch.bfloat16: 1e-2, torch.float32: 1e-4}[dtype]  # fp32: 3xTF32 dots vs cuBLAS' fp32
+    for name, o, b, e in zip(("out", "d_hidden", "d_gate_up", "d_down", "d_weights"), ours, base, exact):
+        err, ref_err = _rel_err(o, e), _rel_err(b, e)
+        assert err <= max(2 * ref_err, floor), f"{name}: relative error {err:.2e} > 2 x the loop's {ref_err:.2e}"
+        parts.append(f"{name} {err:.1e} (loop {ref_err:.1e})")
+    assert all(torch.equal(a, b) for a, b in zip(ours, again)), "a rerun is not bitwise equal"
+    assert not ours[2][-1].any() and not ours[3][-1].any(), "the empty expert's weight gradients are not exactly 0"
+    return ", ".join(parts)
+
+
+def _moe_cuda_graph():
+    """The forward captured in a CUDA graph (no host sync inside) and replayed on new routing."""
+    if DEV != "cuda":
+        return "no CUDA graph on a dry run"
+    sys.path.insert(0, str(ROOT / "bench"))
+    import test_bench_moe as bm
+    import spell_kernels as sk
+    x = bm.make_inputs(256, **bm.QWEN3_30B_A3B, dtype=torch.bfloat16, device=DEV, seed=6)
+    args = [x[k].detach() for k in ("hidden", "gate_up_proj", "down_proj", "topk_ids", "topk_weights")]
+    with torch.no_grad():
+        sk.moe_experts(*args)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = sk.moe_experts(*args)
+        args[3].copy_(torch.randint(0, 128, args[3].shape, device=DEV))  # replayed ids, any experts
+        graph.replay()
+        torch.cuda.synchronize()
+        want = sk.moe_experts(*args)
+    assert torch.equal(out, want), "the replayed graph differs from an eager call on the same routing"
+    return "captured and replayed on new ids: equal to eager"
+
+
+def stage_moe() -> int:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import test_bench_moe as bm
+    checks = Checks()
+    for dtype in ([torch.bfloat16, torch.float32] if not DRY else [torch.float32]):
+        checks.run(f"grouped GEMM vs loop, {str(dtype)[6:]}", lambda: _moe_check(dtype))
+    checks.run("CUDA graph capture", _moe_cuda_graph)
+    if checks.failed:
+        return checks.finish()
+    shape = bm.QWEN3_30B_A3B if not DRY else dict(hidden=32, inter=16, experts=8, top_k=2)
+    for tokens in ([4096, 16384] if not DRY else [16]):
+        result = bm.compare(tokens, torch.bfloat16 if not DRY else torch.float32, DEV, ("ours", "loop"),
+                            reps=3 if not DRY else 1, shape=shape)
+        print(json.dumps({"tokens": tokens, **result}), flush=True)
+        ours, loop = result["ours"], result["loop"]
+        key(f"T={tokens} grouped GEMM", f"fwd {ours['fwd_tflops']:.1f} TFLOP/s ({loop['fwd_s'] / ours['fwd_s']:.2f}x "
+                                        f"the loop's {loop['fwd_tflops']:.1f}), fwd+bwd {ours['fwd_bwd_tflops']:.1f} "
+                                        f"({loop['fwd_bwd_s'] / ours['fwd_bwd_s']:.2f}x the loop's "
+                                        f"{loop['fwd_bwd_tflops']:.1f})")
+    return checks.finish()
+
+
 STAGES = {"env": stage_env, "kernels": stage_kernels, "run": stage_run, "attention": stage_attention,
-          "logprob": stage_logprob, "sampler": stage_sampler}
+          "logprob": stage_logprob, "sampler": stage_sampler, "moe": stage_moe}
 assert tuple(STAGES) == STAGE_NAMES
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Everything this engine does on a GPU, in one command, on a bare lent machine (one H100, under
-# 9 minutes), with the image's own python3 (torch, Triton, transformers) and no install step:
+# 11 minutes), with the image's own python3 (torch, Triton, transformers) and no install step:
 #   OUT=/some/folder bench/gpu_first_contact.sh     # from anywhere; OUT defaults to bench/results/first_contact
 # Stages (bench/first_contact.py STAGE), each its own process under `timeout`, each appending
 # PASS / FAIL / TIMEOUT, its key numbers and the tail of its log to $OUT/summary.md as soon as it
 # ends (full logs in $OUT/logs/); a failed stage never stops the next:
-#   env, kernels, run, attention, logprob, sampler   (see bench/first_contact.py)
+#   env, kernels, run, attention, logprob, sampler, moe   (see bench/first_contact.py)
 #   PY=python3        the interpreter (the repository is put on PYTHONPATH: kernels/ and the root)
 #   DRY_RUN=1         every stage on CPU at tiny shapes (tests/core/test_gpu_first_contact.py)
 #   STAGES="env run"  only these stages;  STAGE_TIMEOUT_S=N  every stage's limit (default: per stage, below)
@@ -18,11 +18,11 @@ export PYTHONPATH="$ROOT/kernels:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export WORK=${WORK:-$(mktemp -d)}
 if [ "${DRY_RUN:-0}" = "1" ]; then
   export TRITON_INTERPRET=1 SPELL_KERNELS=triton
-  LIMITS="env=120 kernels=300 run=300 attention=120 logprob=120 sampler=120"
+  LIMITS="env=120 kernels=300 run=300 attention=120 logprob=120 sampler=120 moe=240"
 else
-  LIMITS="env=30 kernels=120 run=120 attention=100 logprob=80 sampler=80"  # 530 s at most
+  LIMITS="env=30 kernels=120 run=120 attention=100 logprob=80 sampler=80 moe=120"  # 650 s at most
 fi
-STAGES=${STAGES:-env kernels run attention logprob sampler}
+STAGES=${STAGES:-env kernels run attention logprob sampler moe}
 SUMMARY="$OUT/summary.md"
 {
   echo "# GPU first contact ($(date -u '+%Y-%m-%d %H:%M UTC'), $(hostname))"

@@ -165,3 +165,18 @@ def group_advantages(rewards, group_ids, mode="grpo", eps=1e-6):
         for i in members:
             out[i] = r[i] - mean if mode == "dr_grpo" else (r[i] - mean) / (std + eps)
     return torch.tensor(out, dtype=torch.float64)
+
+
+def moe_experts(hidden, gate_up_proj, down_proj, topk_ids, topk_weights):
+    """The mixture-of-experts FFN as a loop over experts (spell_kernels.moe_experts' CPU path and
+    oracle): out[t] = sum_j w[t, j] down_e @ (silu(gate_e @ h_t) * (up_e @ h_t)), e = topk_ids[t, j];
+    gate_up_proj (E, 2I, H) with the gate rows first, down_proj (E, H, I). Autograd gives the backward."""
+    out = torch.zeros_like(hidden)
+    for expert in range(gate_up_proj.shape[0]):
+        token_idx, slot = torch.where(topk_ids == expert)
+        if token_idx.numel() == 0:
+            continue
+        gate, up = torch.nn.functional.linear(hidden[token_idx], gate_up_proj[expert]).chunk(2, dim=-1)
+        rows = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, down_proj[expert])
+        out = out.index_add(0, token_idx, rows * topk_weights[token_idx, slot, None].to(rows.dtype))
+    return out

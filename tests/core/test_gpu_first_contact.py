@@ -22,11 +22,12 @@ def run_script(tmp_path, **env):
 def test_dry_run_passes_every_stage_and_writes_the_summary(tmp_path):
     done, summary = run_script(tmp_path)
     verdicts = dict(re.findall(r"^## (\w+): (\w+)", summary, re.M))
-    assert verdicts == dict.fromkeys(["env", "kernels", "run", "attention", "logprob", "sampler"], "PASS"), \
+    assert verdicts == dict.fromkeys(["env", "kernels", "run", "attention", "logprob", "sampler", "moe"], "PASS"), \
         summary + done.stdout + done.stderr
     assert done.returncode == 0
     for line in ("- torch:", "- checks: 6 passed, 0 failed", "- metrics: loss ", "- weights changed:",
-                 "- bf16 matmul peak:", "- fused:", "- ours, eager:", "- transformers generate"):
+                 "- bf16 matmul peak:", "- fused:", "- ours, eager:", "- transformers generate",
+                 "- T=16 grouped GEMM: fwd "):
         assert line in summary, line
     assert "0 stage(s) not passed" in summary
     for stage in verdicts:

@@ -1,4 +1,4 @@
-"""The examples in kernels/README.md run as written: plain PyTorch and verl always (they need only
+"""The examples in kernels/README.md run as written: plain PyTorch, MoE and verl always (they need only
 spell_kernels and torch), transformers and TRL where installed (the TRL example on a tiny local model
 with SmolLM2's tokenizer instead of the hub model it names)."""
 import os
@@ -32,12 +32,16 @@ def _run(code, env_extra=None, timeout=600):
 
 
 def test_readme_names_its_examples():
-    assert set(_examples()) == {"plain-pytorch", "transformers", "trl", "verl"}
+    assert set(_examples()) == {"plain-pytorch", "transformers", "trl", "verl", "moe"}
 
 
 def test_plain_pytorch_example():
     out = _run(_examples()["plain-pytorch"])
     assert out.startswith("loss ") and " kl " in out
+
+
+def test_moe_example():
+    assert "torch.Size([5, 32]) torch.Size([5, 32])" in _run(_examples()["moe"])
 
 
 def test_verl_example():

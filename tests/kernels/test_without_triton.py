@@ -81,6 +81,12 @@ def every_op():
     out["group_advantages"] = advantages
     out["broadcast_to_tokens"] = sk.broadcast_to_tokens(advantages, _cu([2, 1, 3, 2]))
 
+    gate_up = torch.randn(4, 12, 8, generator=g, requires_grad=True)
+    moe_out = sk.moe_experts(hidden.detach(), gate_up, torch.randn(4, 8, 6, generator=g), torch.tensor([[0, 3]] * 6),
+                             torch.rand(6, 2, generator=g))
+    moe_out.sum().backward()
+    out["moe_experts"] = (moe_out.detach(), gate_up.grad)
+
     lengths = torch.tensor([3, 1, 2])
     packed = sk.pack(torch.arange(9).reshape(3, 3), lengths)
     out["packing"] = (packed, sk.unpack(packed, sk.cu_seqlens_from_lengths(lengths)),
