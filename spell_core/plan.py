@@ -18,9 +18,21 @@ Per GPU, two phases that never overlap:
              model trains fp32 master weights: FSDP2 shards them in fp32 and gathers bf16
              (MixedPrecisionPolicy), one process keeps the bf16 model plus an fp32 copy; the
              gradients AdamW reads and its two moments are fp32 (spell_core/master_weights.py).
-  sampling   every rank holds the full weights (gathered once per step) and runs whole
-             prompts: the KV cache of one question's group, prompt + G x max_new_tokens tokens
-             (the prompt's KV is shared by the G samples), plus one prefill chunk's working set.
+             A mixture-of-experts layer (qwen3_moe) holds all its experts in each shard and in
+             the gathered layer; per token it keeps the router's fp32 probabilities and top-k,
+             and per routed row (k per token) the experts' gate/up and SwiGLU outputs
+             (`Shape.moe_saved_bytes_per_token`); the micro-batch's routing record is replayed.
+  sampling   every rank gathers the full weights (once per step) beside what stays resident of
+             training: the fp32 weight shard (one process: the fp32 master copy) and AdamW's
+             moments; the gradients are freed after each update. It runs whole prompts: the KV
+             cache of one question's group, prompt + G x max_new_tokens tokens (the prompt's KV
+             is shared by the G samples), one prefill chunk's working set, and for a MoE model
+             the group's routing record (k expert ids per token and MoE layer). When that does
+             not fit, the plan moves what the sampler does not read to host memory while it
+             samples (the moments, then the fp32 shard) and says so; spell does not do it yet.
+  host       per GPU process: the update guard's pinned copy of the fp32 weights and moments
+             (spell_core/common/guards.py, on by default on GPUs), what is moved while sampling,
+             and the routing record of the step's trained groups (beside their trajectories).
 
 Everything is linear in the context: no term holds an (L x L) matrix. No activation term is
 calibrated: each is counted from the code, and the activation model is checked against the
