@@ -263,20 +263,23 @@ class MemoryPlan:
     def report(self) -> str:
         s = self.shape
         if s.is_moe:
-            model = (f"model       {s.params() / 1e9:.2f} B parameters, "
-                     f"{s.active_params() / 1e9:.2f} B active per token ({s.layers} layers, {len(s.moe_layers)} MoE: {s.experts} experts x intermediate "
+            model = (f"model       {s.params() / 1e9:.2f} B parameters, {s.active_params() / 1e9:.2f} B active per "
+                     f"token ({s.layers} layers, {len(s.moe_layers)} MoE: {s.experts} experts x intermediate "
                      f"{s.moe_intermediate}, {s.experts_per_token} per token; hidden {s.hidden}, {s.heads} q / "
                      f"{s.kv_heads} kv heads x {s.head_dim}, vocab {s.vocab}, {s.dtype})")
         else:
             model = (f"model       {s.params() / 1e9:.2f} B parameters ({s.layers} layers, hidden {s.hidden}, "
                      f"{s.heads} q / {s.kv_heads} kv heads x {s.head_dim}, intermediate {s.intermediate}, "
                      f"vocab {s.vocab}, {s.dtype})")
-        lines = [model,
-                 f"layout      {self.gpus} GPUs = {self.gpus // self.cp} data parallel x {self.cp} context parallel; "
-                 f"ctx {self.ctx:,}; micro-batch {self.micro_batch_tokens:,} tokens per GPU"
-                 f"{' (gradient checkpointing)' if self.gradient_checkpointing else ''}; "
-                 f"G = {self.group_size} samples x {self.max_new_tokens:,} new tokens",
-                 "per GPU:"]
+        lines = [model]
+        if s.is_moe:
+            lines.append(f"experts     {len(s.moe_layers) * s.expert_params() / 1e9:.2f} B of them, all "
+                         f"{s.experts} of a layer in every FSDP2 shard and gathered layer (no expert parallelism)")
+        lines += [f"layout      {self.gpus} GPUs = {self.gpus // self.cp} data parallel x {self.cp} context parallel; "
+                  f"ctx {self.ctx:,}; micro-batch {self.micro_batch_tokens:,} tokens per GPU"
+                  f"{' (gradient checkpointing)' if self.gradient_checkpointing else ''}; "
+                  f"G = {self.group_size} samples x {self.max_new_tokens:,} new tokens",
+                  "per GPU:"]
         for name, value in self.parts.items():
             lines.append(f"  {name:<44} {value / GiB:8.2f} GiB")
         moved = " (offloaded)" if self.offloaded else ""

@@ -50,6 +50,23 @@ def test_decoder_sparse_step_and_mlp_only_layers_make_dense_layers():
     assert shape.active_params() == shape.params() - 2 * 2 * 3 * 16 * 12  # 2 of 4 experts unused in 2 layers
 
 
+def test_parameter_counts_equal_transformers_qwen3_moe():
+    """The oracle: transformers' Qwen3MoeForCausalLM built on the meta device, for Qwen3-30B-A3B and
+    for the six-layer config above (which of its layers are sparse is transformers' rule)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tiny = dict(model_type="qwen3_moe", vocab_size=100, hidden_size=16, intermediate_size=40, num_hidden_layers=6,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                moe_intermediate_size=12, decoder_sparse_step=2, mlp_only_layers=[3])
+    for raw in (qwen3_30b(), tiny):
+        config = Qwen3MoeConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type")})
+        with torch.device("meta"):
+            model = Qwen3MoeForCausalLM(config)
+        assert plan.Shape.from_config(raw).params() == sum(p.numel() for p in model.parameters())
+    sparse = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    assert tuple(sparse) == plan.Shape.from_config(tiny).moe_layers == (1, 5)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(num_experts_per_tok=None), "needs num_experts_per_tok"),
     (dict(num_experts=None, moe_intermediate_size=None), "needs num_experts, moe_intermediate_size"),
@@ -158,6 +175,7 @@ def test_command_line_plans_the_config_only_folder(capsys):
                       "--gradient-checkpointing"]) == 0
     out = capsys.readouterr().out
     assert "30.53 B parameters, 3.35 B active per token (48 layers, 48 MoE: 128 experts x intermediate 768" in out
+    assert "experts     28.99 B of them, all 128 of a layer in every FSDP2 shard" in out  # 48 x 128 x 3 x 2048 x 768
     assert "fits: yes" in out and "routing record (16 trained groups)" in out
     assert plan.main(["--model", str(QWEN3_30B), "--ctx", "128k", "--gpus", "8", "--cp", "4",
                       "--gradient-checkpointing"]) == 1
