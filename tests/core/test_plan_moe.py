@@ -147,6 +147,15 @@ def test_qwen3_30b_a3b_at_128k_on_8_x_80gb_offloads_to_sample():
                                   for a in stuck.advice)
     assert plan.plan_memory(shape, 131072, gpus=8, cp=4, gpu_memory=80 * GiB, gradient_checkpointing=True,
                             host_offload=False).offloaded == []  # run's check: spell does not offload
+    # one GPU: the sampler reads the bf16 model itself (2 n); the moments (8 n), then the fp32 master
+    # copy (4 n) go to the host; 2 n + one group's KV cache, record and chunk stay
+    one = plan.plan_memory(shape, 8192, gpus=1, gpu_memory=141 * GiB, gradient_checkpointing=True)
+    n = 30_532_122_624
+    assert one.offloaded == ["optimizer state (AdamW, 2 moments)", "fp32 master weights"]
+    assert one.sampling_peak == 2 * n + (8192 + 8 * 4096) * (98_304 + 384) + chunk
+    assert one.host_parts["fp32 master weights (moved while sampling)"] == 4 * n
+    assert one.host_parts["rollback snapshot (fp32 weights + 2 moments)"] == 12 * n
+    assert not one.fits and "training does not fit" in one.advice[0]
 
 
 def test_dense_sampling_counts_what_stays_resident_and_the_host_copies():
