@@ -472,8 +472,6 @@ def plan_memory(shape: Shape, ctx: int, gpus: int = 1, cp: int = 1, gpu_memory: 
     for name in movable:
         if not host_offload or plan.sampling_peak <= plan.usable or name not in resident:
             break
-        if gpus == 1 and name == "weights (FSDP2 shard)":
-            break
         plan.offloaded.append(name)
         plan.sampling_peak -= resident[name]
         plan.host_parts[_OFFLOADED[name]] = resident[name]
