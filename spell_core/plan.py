@@ -29,7 +29,8 @@ Per GPU, two phases that never overlap:
              is shared by the G samples), one prefill chunk's working set, and for a MoE model
              the group's routing record (k expert ids per token and MoE layer). When that does
              not fit, the plan moves what the sampler does not read to host memory while it
-             samples (the moments, then the fp32 shard) and says so; spell does not do it yet.
+             samples (the moments, then the fp32 shard) and says so: `run` does the same
+             (--offload-while-sampling, spell_core/training/offload.py).
   host       per GPU process: the update guard's pinned copy of the fp32 weights and moments
              (spell_core/common/guards.py, on by default on GPUs), what is moved while sampling,
              and the routing record of the step's trained groups (beside their trajectories).
@@ -301,12 +302,8 @@ class MemoryPlan:
     def verdict(self) -> str:
         if not self.fits:
             return "fits: NO"
-        return "fits: only with host offload while sampling (not in spell yet)" if self.offloaded else "fits: yes"
-
-    @property
-    def runs(self) -> bool:
-        """Fits as spell runs today (it does not offload to the host)."""
-        return self.fits and not self.offloaded
+        return "fits: yes, with host offload while sampling (--offload-while-sampling)" if self.offloaded \
+            else "fits: yes"
 
     def to_dict(self) -> dict:
         return {"parts_bytes": self.parts, "training_peak_bytes": self.training_peak,
@@ -418,16 +415,18 @@ def activations(shape: Shape, tokens: int, gradient_checkpointing: bool, device:
 
 def plan_memory(shape: Shape, ctx: int, gpus: int = 1, cp: int = 1, gpu_memory: int = 80 * GiB,
                 micro_batch_tokens: int | None = None, gradient_checkpointing: bool = False, group_size: int = 8,
-                max_new_tokens: int = 4096, kv_prompt_tokens: int | None = None, host_offload: bool = True,
+                max_new_tokens: int = 4096, kv_prompt_tokens: int | None = None, offload: str = "auto",
                 rollback_snapshot: bool = True, trained_groups: int = 128,
                 gpus_per_node: int | None = None) -> MemoryPlan:
     """ctx: the tokens of one trajectory (what training holds); kv_prompt_tokens: the prompt a
     group's G samples share in the sampler's KV cache (default ctx, the command line's reading:
-    --ctx counts the prompt, the responses come on top). host_offload: when sampling does not fit,
-    plan moving what the sampler does not read (AdamW's moments, then the fp32 master shard) to host
-    memory while it samples. rollback_snapshot: the update guard's pinned host copy of the fp32
+    --ctx counts the prompt, the responses come on top). offload (run's --offload-while-sampling):
+    "auto" moves what the sampler does not read (AdamW's moments, then the fp32 master shard) to host
+    memory while it samples, as much as sampling needs to fit; "on" moves both; "off" nothing. rollback_snapshot: the update guard's pinned host copy of the fp32
     weights and moments (a GPU run's default). trained_groups: the groups one step trains (SPEC: 128),
     whose routing record waits on the host beside the trajectories."""
+    if offload not in OFFLOAD_CHOICES:
+        raise ValueError(f"offload {offload!r} (--offload-while-sampling): expected one of {', '.join(OFFLOAD_CHOICES)}")
     if gpus < 1 or cp < 1 or gpus % cp:
         raise ValueError(f"--gpus ({gpus}) must be a positive multiple of --cp ({cp})")
     if micro_batch_tokens is None:  # the packer's budget per rank: at least one whole trajectory's share
@@ -470,7 +469,8 @@ def plan_memory(shape: Shape, ctx: int, gpus: int = 1, cp: int = 1, gpu_memory: 
     movable = ["optimizer state (AdamW, 2 moments)",
                "fp32 master weights" if gpus == 1 else "weights (FSDP2 shard)"]
     for name in movable:
-        if not host_offload or plan.sampling_peak <= plan.usable or name not in resident:
+        needed = offload == "on" or (offload == "auto" and plan.sampling_peak > plan.usable)
+        if not needed or name not in resident:
             break
         plan.offloaded.append(name)
         plan.sampling_peak -= resident[name]
@@ -484,6 +484,7 @@ def plan_memory(shape: Shape, ctx: int, gpus: int = 1, cp: int = 1, gpu_memory: 
     return plan
 
 
+OFFLOAD_CHOICES = ("auto", "on", "off")
 _OFFLOADED = {"optimizer state (AdamW, 2 moments)": "optimizer state (moved while sampling)",
               "weights (FSDP2 shard)": "fp32 weights shard (moved while sampling)",
               "fp32 master weights": "fp32 master weights (moved while sampling)"}
@@ -522,14 +523,18 @@ def _advice(plan: MemoryPlan) -> list[str]:
         moved = (" even with the " + " and ".join(_OFFLOADED[name].removesuffix(" (moved while sampling)")
                                                   for name in plan.offloaded) + " in host memory"
                  if plan.offloaded else "")
+        instead = ("" if plan.offloaded else
+                   "; or --offload-while-sampling auto (the moments and fp32 weights wait in host memory)")
         out.append(f"sampling does not fit{moved}: the full weights, what stays of the training state and one "
                    "group's KV cache exceed a GPU; lower --group-size or --max-new-tokens or --ctx (--cp does not "
-                   "split sampling), or use GPUs with more memory")
+                   f"split sampling), or use GPUs with more memory{instead}")
     elif plan.offloaded:
         moved = sum(plan.host_parts[_OFFLOADED[name]] for name in plan.offloaded)
         names = " and ".join(_OFFLOADED[name].removesuffix(" (moved while sampling)") for name in plan.offloaded)
-        out.append(f"sampling fits only with the {names} moved to host memory while sampling "
-                   f"({moved / GiB:.1f} GiB per GPU, back before the update); spell does not offload yet")
+        out.append(f"sampling fits with the {names} moved to host memory while sampling "
+                   f"({moved / GiB:.1f} GiB per GPU, back before the update): run does it "
+                   "(--offload-while-sampling auto, the default; the weights and optimizer state stay bitwise "
+                   "the same; about two copies of that over PCIe per step)")
     if not out:
         out.append(f"fits with {plan.headroom / GiB:.1f} GiB to spare; the sampler's KV cache takes half the free "
                    "memory for parallel waves (--kv-budget-tokens)")
@@ -604,6 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="groups one step trains, whose MoE routing record waits on the host (default 128)")
     p.add_argument("--gpus-per-node", type=count(1), default=None,
                    help="for the host memory per node (default: --gpus, at most 8)")
+    p.add_argument("--offload-while-sampling", choices=OFFLOAD_CHOICES, default="auto",
+                   help="as run's: auto moves AdamW's moments, then the fp32 weights, to host memory while sampling "
+                        "when sampling does not fit otherwise; on moves both; off nothing (default: auto)")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None, help="default: config.json's, else bfloat16")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
@@ -626,12 +634,13 @@ def main(argv=None) -> int:
         shape = Shape.from_config(read_model_config(args.model), args.dtype, config_source(args.model))
         plan = plan_memory(shape, args.ctx, args.gpus, args.cp, args.gpu_memory, args.micro_batch_tokens,
                            args.gradient_checkpointing, args.group_size, args.max_new_tokens,
-                           trained_groups=args.trained_groups, gpus_per_node=args.gpus_per_node)
+                           offload=args.offload_while_sampling, trained_groups=args.trained_groups,
+                           gpus_per_node=args.gpus_per_node)
     except (ValueError, OSError) as err:
         print(f"spell.plan: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.report())
-    return 0 if plan.runs else 1
+    return 0 if plan.fits else 1
 
 
 if __name__ == "__main__":
@@ -642,7 +651,8 @@ def check_run_fits(config, args, topology=None) -> MemoryPlan:
     """`run` on a GPU, before anything is loaded: the plan of this run (config.json, the GPU's
     memory, the world size); ValueError with the plan and its advice when it does not fit. A
     trajectory holds documents + prompt room + response (`context_needed`); the sampler's KV cache
-    holds a group's documents and prompt once and its G responses."""
+    holds a group's documents and prompt once and its G responses. What the plan moves to host
+    memory while sampling (`MemoryPlan.offloaded`) is what `run` then moves (--offload-while-sampling)."""
     import torch
 
     from spell_core.models.assets import resolve_model
@@ -654,7 +664,8 @@ def check_run_fits(config, args, topology=None) -> MemoryPlan:
     trajectory = context_needed(config.data.ctx, config.data.prompt_tokens, response)
     plan = plan_memory(shape, trajectory, topology.world_size if topology is not None else 1, args.cp, total,
                        args.micro_batch_tokens, args.gradient_checkpointing, config.sampling.group_size,
-                       response, kv_prompt_tokens=trajectory - response, host_offload=False)
+                       response, kv_prompt_tokens=trajectory - response,
+                       offload=getattr(args, "offload_while_sampling", "auto"))
     if not plan.fits:
         raise ValueError("this run does not fit in GPU memory (spell_core.plan, before loading anything):\n"
                          + plan.report())

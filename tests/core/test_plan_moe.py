@@ -139,14 +139,24 @@ def test_qwen3_30b_a3b_at_128k_on_8_x_80gb_offloads_to_sample():
                             "fp32 weights shard (moved while sampling)": 4 * shard,
                             "rollback snapshot (fp32 weights + 2 moments)": 12 * shard,
                             "routing record (64 trained groups)": 64 * record}
-    assert p.fits and not p.runs and "spell does not offload yet" in p.advice[0]
+    assert p.fits and p.verdict == "fits: yes, with host offload while sampling (--offload-while-sampling)"
+    assert "run does it (--offload-while-sampling auto" in p.advice[0] and "42.7 GiB per GPU" in p.advice[0]
     roomy = plan.plan_memory(shape, 131072, gpus=8, cp=4, gpu_memory=141 * GiB, gradient_checkpointing=True)
-    assert roomy.offloaded == [] and roomy.sampling_peak == before and roomy.runs
+    assert roomy.offloaded == [] and roomy.sampling_peak == before and roomy.verdict == "fits: yes"
+    # --offload-while-sampling on: both move though sampling fits without (the host counts them)
+    forced = plan.plan_memory(shape, 131072, gpus=8, cp=4, gpu_memory=141 * GiB, gradient_checkpointing=True,
+                              offload="on")
+    assert forced.offloaded == p.offloaded and forced.sampling_peak == before - 12 * shard
+    assert forced.host_parts["fp32 weights shard (moved while sampling)"] == 4 * shard
     stuck = plan.plan_memory(shape, 131072, gpus=8, cp=4, gpu_memory=70 * GiB, gradient_checkpointing=True)
     assert not stuck.fits and any("sampling does not fit even with the optimizer state and fp32 weights shard" in a
                                   for a in stuck.advice)
-    assert plan.plan_memory(shape, 131072, gpus=8, cp=4, gpu_memory=80 * GiB, gradient_checkpointing=True,
-                            host_offload=False).offloaded == []  # run's check: spell does not offload
+    kept = plan.plan_memory(shape, 131072, gpus=8, cp=4, gpu_memory=80 * GiB, gradient_checkpointing=True,
+                            offload="off")
+    assert kept.offloaded == [] and kept.sampling_peak == before and not kept.fits
+    assert "sampling does not fit" in kept.advice[0] and "or --offload-while-sampling auto" in kept.advice[0]
+    with pytest.raises(ValueError, match="--offload-while-sampling.*auto, on, off"):
+        plan.plan_memory(shape, 131072, gpus=8, offload="yes")
     # one GPU: the sampler reads the bf16 model itself (2 n); the moments (8 n), then the fp32 master
     # copy (4 n) go to the host; 2 n + one group's KV cache, record and chunk stay
     one = plan.plan_memory(shape, 8192, gpus=1, gpu_memory=141 * GiB, gradient_checkpointing=True)
@@ -187,8 +197,11 @@ def test_command_line_plans_the_config_only_folder(capsys):
     assert "experts     28.99 B of them, all 128 of a layer in every FSDP2 shard" in out  # 48 x 128 x 3 x 2048 x 768
     assert "fits: yes" in out and "routing record (16 trained groups)" in out
     assert plan.main(["--model", str(QWEN3_30B), "--ctx", "128k", "--gpus", "8", "--cp", "4",
-                      "--gradient-checkpointing"]) == 1
-    assert "fits: only with host offload while sampling (not in spell yet)" in capsys.readouterr().out
+                      "--gradient-checkpointing"]) == 0
+    assert "fits: yes, with host offload while sampling (--offload-while-sampling)" in capsys.readouterr().out
+    assert plan.main(["--model", str(QWEN3_30B), "--ctx", "128k", "--gpus", "8", "--cp", "4",
+                      "--gradient-checkpointing", "--offload-while-sampling", "off"]) == 1
+    assert "fits: NO" in capsys.readouterr().out
 
 
 def _router_and_experts(x, router, gate_up, down, k):
