@@ -422,11 +422,13 @@ def plan_memory(shape: Shape, ctx: int, gpus: int = 1, cp: int = 1, gpu_memory: 
     group's G samples share in the sampler's KV cache (default ctx, the command line's reading:
     --ctx counts the prompt, the responses come on top). offload (run's --offload-while-sampling):
     "auto" moves what the sampler does not read (AdamW's moments, then the fp32 master shard) to host
-    memory while it samples, as much as sampling needs to fit; "on" moves both; "off" nothing. rollback_snapshot: the update guard's pinned host copy of the fp32
-    weights and moments (a GPU run's default). trained_groups: the groups one step trains (SPEC: 128),
+    memory while it samples, as much as sampling needs to fit; "on" moves both; "off" nothing.
+    rollback_snapshot: the update guard's pinned host copy of the fp32 weights and moments (a GPU
+    run's default). trained_groups: the groups one step trains (SPEC: 128),
     whose routing record waits on the host beside the trajectories."""
     if offload not in OFFLOAD_CHOICES:
-        raise ValueError(f"offload {offload!r} (--offload-while-sampling): expected one of {', '.join(OFFLOAD_CHOICES)}")
+        raise ValueError(f"offload {offload!r} (--offload-while-sampling): expected one of "
+                         f"{', '.join(OFFLOAD_CHOICES)}")
     if gpus < 1 or cp < 1 or gpus % cp:
         raise ValueError(f"--gpus ({gpus}) must be a positive multiple of --cp ({cp})")
     if micro_batch_tokens is None:  # the packer's budget per rank: at least one whole trajectory's share
