@@ -12,6 +12,13 @@ the first one's gradients in place). Prints a markdown table; an error is
 
     python bench/plan_validate.py            # the table of bench/results/plan.md
     python bench/plan_validate.py --case '{"model": "qwen3 2 x 384", ...}'   # one case
+    python bench/plan_validate.py --moe      # only the MoE FFN's table (issue 22)
+
+The MoE terms (no MoE model on CPU yet: the FFN alone, a Qwen3-MoE router and
+spell_kernels.moe_experts): the bytes autograd keeps through the forward (the live tensor bytes
+left after it, less its output, from torch.profiler's memory events; and the storages its saved
+tensors hold, from saved_tensors_hooks) and the weight gradients after backward, against
+`Shape.moe_saved_bytes_per_token(device="cpu")` and the layer's expert + router parameters.
 """
 import argparse
 import json
@@ -97,12 +104,98 @@ def predicted(shape, micro_batches, gc):
     return best
 
 
+# MoE FFN cases: (tokens, hidden, moe intermediate, experts, experts per token, dtype)
+MOE_CASES = [(2048, 256, 128, 16, 2, "float32"), (4096, 256, 128, 16, 4, "float32"),
+             (4096, 128, 64, 64, 8, "float32"), (2048, 256, 128, 16, 2, "bfloat16"),
+             (4096, 128, 64, 64, 8, "bfloat16"), (1024, 64, 32, 128, 8, "float32")]
+
+
+def moe_ffn(x, router, gate_up, down, k):
+    """Qwen3-MoE's sparse block as transformers computes it: linear router, fp32 softmax over all
+    experts, top-k, renormalised (norm_topk_prob), cast back; the experts by spell_kernels."""
+    import torch
+    import torch.nn.functional as F
+    from spell_kernels.moe import moe_experts
+
+    probs = torch.softmax(F.linear(x, router), dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return moe_experts(x, gate_up, down, ids, weights.to(x.dtype))
+
+
+def _live_bytes_left(prof) -> int:
+    """The allocator's running total after the profiled block less before it (memory events)."""
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
+            events.append((node.start_time_ns, node.extra_fields.total_allocated, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    events.sort()
+    return events[-1][1] - (events[0][1] - events[0][2])
+
+
+def run_moe_case(tokens, hidden, inter, experts, k, dtype):
+    """Measured: live bytes left by the forward less its output (profiler), the storages of the
+    saved tensors (hooks), the weight gradients' bytes after backward; and the planner's terms."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from spell_core.plan import Shape
+
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    x = torch.randn(tokens, hidden, dtype=dt, requires_grad=True)
+    weights = [(torch.randn(*shape, dtype=dt) / hidden**0.5).requires_grad_()
+               for shape in ((experts, hidden), (experts, 2 * inter, hidden), (experts, hidden, inter))]
+    own = {t.untyped_storage().data_ptr() for t in [x, *weights]}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = moe_ffn(x, *weights, k)
+    left = _live_bytes_left(prof) - out.untyped_storage().nbytes()
+    out.float().square().sum().backward()
+    shape = Shape(vocab=1, hidden=hidden, intermediate=0, layers=1, heads=1, kv_heads=1, head_dim=1, tied=False,
+                  qk_norm=False, qkv_bias=False, max_positions=1, dtype=dtype, experts=experts,
+                  experts_per_token=k, moe_intermediate=inter, moe_layers=(0,))
+    return {"kept_live": left, "kept_saved": sum(kept.values()), "kept_planned": shape.moe_saved_bytes_per_token("cpu")
+            * tokens, "grads": sum(w.grad.untyped_storage().nbytes() for w in weights),
+            "grads_planned": (shape.layer_params(moe=True) - shape.attention_params()) * shape.bytes}
+
+
+def moe_table():
+    print("| tokens | H | Im | E | k | dtype | kept (live after forward) MiB | kept (saved storages) MiB | "
+          "planned MiB | error | weight gradients MiB | planned MiB | error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    worst = 0.0
+    for case in MOE_CASES:
+        got = run_moe_case(*case)
+        errors = [(got["kept_planned"] - got["kept_live"]) / got["kept_live"],
+                  (got["grads_planned"] - got["grads"]) / got["grads"]]
+        worst = max([worst] + [abs(e) for e in errors])
+        mib = {k: v / 2**20 for k, v in got.items()}
+        print("| " + " | ".join(map(str, case)) + f" | {mib['kept_live']:.3f} | {mib['kept_saved']:.3f} | "
+              f"{mib['kept_planned']:.3f} | {errors[0]:+.2%} | {mib['grads']:.3f} | {mib['grads_planned']:.3f} | "
+              f"{errors[1]:+.2%} |", flush=True)
+    print(f"\nlargest error (MoE FFN): {worst:.2%}")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--case")
+    p.add_argument("--moe", action="store_true", help="only the MoE FFN's table")
     args = p.parse_args()
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
+        return
+    if args.moe:
+        moe_table()
         return
     from memory import MALLOC_ENV, run_json
     from spell_core.plan import Shape
@@ -129,7 +222,8 @@ def main():
             print(cells + f"{layout} | {'yes' if gc else 'no'} | {value / 2**20:.1f} ({where}) | "
                   f"{got['live_peak_bytes'] / 2**20:.1f} | {errors[0]:+.1%} | {got['rss_peak_bytes'] / 2**20:.1f} | "
                   f"{errors[1]:+.1%} |", flush=True)
-    print(f"\nlargest error: {worst:.1%}")
+    print(f"\nlargest error: {worst:.1%}\n")
+    moe_table()
 
 
 if __name__ == "__main__":

@@ -113,8 +113,13 @@ def _train(config: RunConfig, args, train_options, budget: int, topology=None) -
 
     validation = args.validation
     if str(config.model.device).startswith("cuda"):  # stop now, not with an out-of-memory error minutes later
+        from spell_core.cli.run_options import offload_level
         from spell_core.plan import check_run_fits
-        check_run_fits(config, args, topology)
+        plan = check_run_fits(config, args, topology)
+        train_options.offload_while_sampling = offload_level(args.offload_while_sampling, plan.offloaded)
+        if train_options.offload_while_sampling != "off":
+            print(f"offload     {' and '.join(plan.offloaded)} to host memory while sampling "
+                  "(--offload-while-sampling)")
     model, tokenizer, clusters = load_model_and_documents(config, budget, getattr(args, "documents", None))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,8 @@ from spell_core.common.output_files import RunFolderError, check_writable_folder
 
 LOCK_FILE = ".spell-run.lock"
 CONFIG_FILE = "config.json"
-FREE_TO_CHANGE = ("steps", "out", "save_every")  # config keys a resumed run may change without notice
+# config keys a resumed run may change without notice (the offload moves bytes, it changes no result)
+FREE_TO_CHANGE = ("steps", "out", "save_every", "trainer.offload_while_sampling")
 MUST_MATCH = {"model.name": "model", "data.corpus": "corpus"}
 
 

@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep a host copy of the weights and optimizer state before each optimizer step, to "
                              "roll back a step that leaves NaN/Inf weights (default: on a GPU; off on a CPU, where "
                              "the copy costs 3x the weights in memory and a NaN/Inf step stops the run unsaved)")
+    parser.add_argument("--offload-while-sampling", choices=("auto", "on", "off"), default="auto",
+                        help="move AdamW's moments and the fp32 weights (what the sampler does not read) to host "
+                             "memory while the sampler runs, back before each update; the weights and optimizer "
+                             "state stay bitwise the same. auto: on a GPU, what the memory plan needs for sampling "
+                             "to fit (python -m spell_core.plan), nothing when it fits as is or on a CPU, where "
+                             "host and device memory are one (default: auto)")
     parser.add_argument("--threads", type=arg_types.count(0), default=None,
                         help="CPU threads of torch; 0: torch's default, one per core (default on a CPU run: the "
                              "idle cores (measured over half a second), at least 1, since a thread waiting for "
@@ -220,10 +226,20 @@ def trainer_options(config: RunConfig, args: argparse.Namespace):
     options = TrainerOptions(micro_batch_tokens=args.micro_batch_tokens, temperature=config.sampling.temperature,
                              gradient_checkpointing=args.gradient_checkpointing, clip_low=args.clip_low,
                              clip_high=args.clip_high, dual_clip=args.dual_clip or None,
-                             rollback_snapshot=args.rollback_snapshot, agg=args.loss_agg)
+                             rollback_snapshot=args.rollback_snapshot, agg=args.loss_agg,
+                             offload_while_sampling="all" if args.offload_while_sampling == "on" else "off")
     if args.lr is not None:
         options.lr = args.lr
     return options
+
+
+def offload_level(choice: str, offloaded: list[str]) -> str:
+    """TrainerOptions.offload_while_sampling for --offload-while-sampling `choice`, given what the
+    memory plan moves to host memory for sampling to fit (`MemoryPlan.offloaded`, moments first):
+    on moves everything, off nothing, auto what the plan moves."""
+    if choice != "auto":
+        return "all" if choice == "on" else "off"
+    return ("off", "moments", "all")[min(len(offloaded), 2)]
 
 
 def spec_value(key: str) -> str:

@@ -44,7 +44,8 @@ def run_steps(config: RunConfig, args, out: Path, start_step: int, model, tokeni
             # this process's CPU time: on a busy machine the wall time says little
             metrics["step_cpu_s"] = time.process_time() - cpu_began
             if validation:
-                metrics.update(validation.at_step(model, tokenizer, step, topology))
+                with trainer.sampling_phase():
+                    metrics.update(validation.at_step(model, tokenizer, step, topology))
             monitor.log_step(metrics)
             if step % config.save_every == 0 or step == config.steps:
                 _save(train_state, out, step, model, tokenizer, trainer, play, metrics)
@@ -63,9 +64,10 @@ def run_steps(config: RunConfig, args, out: Path, start_step: int, model, tokeni
 
 def _one_step(play, trainer, monitor, stop, number: int) -> dict:
     """Generate, select and train once; the step's metrics (loop's, then the trainer's as train_*)."""
-    result = play.step()
+    with trainer.sampling_phase() as offload:  # --offload-while-sampling: AdamW state in host memory meanwhile
+        result = play.step()
     monitor.log_questions(number, result.questions)
-    metrics = dict(result.metrics)
+    metrics = dict(result.metrics) | offload
     if not result.trajectories and not result.metrics.get("trajectories_world"):  # none on any rank
         print(f"spell: step {number}: nothing trainable (no responder group with reward variance, no "
               "questioner sample to contrast); no update", file=sys.stderr)

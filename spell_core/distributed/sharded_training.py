@@ -66,16 +66,22 @@ def is_sharded(model) -> bool:
 def sampling_weights(model):
     """Every rank holds the full weights inside this block (one all-gather on entry), so that
     each can run its own generation with no collective per forward. Collective: every rank
-    enters and leaves together. A no-op for a model that is not sharded."""
+    enters and leaves together. A no-op for a model that is not sharded, and inside another
+    such block (the trainer's host offload gathers first: spell_core/training/offload.py)."""
     from torch.distributed.fsdp import FSDPModule
 
+    if getattr(model, "_spell_gathered_for_sampling", False):
+        yield model
+        return
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
+    model._spell_gathered_for_sampling = True
     try:
         yield model
     finally:
+        model._spell_gathered_for_sampling = False
         for unit in units:
             unit.reshard()
             # FSDP2's defaults: the root keeps its weights (the head) after forward, the layers free theirs

@@ -53,6 +53,7 @@ from spell_core.distributed import context_parallel
 from spell_core.selfplay.batch import ROLES, Trajectory
 from spell_core.distributed.process_groups import all_reduce_sum
 from spell_core.training.master_weights import MasterWeights
+from spell_core.training.offload import OFFLOAD_LEVELS, offload_while_sampling
 from spell_core.models.model import CausalLM, VarlenCausalAttention
 from spell_core.distributed.sharded_training import forward_backward, shard_model
 from spell_kernels.shared_prefix import SharedPrefixAttention, SharedPrefixLayout
@@ -86,6 +87,9 @@ class TrainerOptions:
     # keep that copy to roll back to; None: on CUDA (pinned host memory), not on a CPU (it would add 3x
     # the weights to host memory: 7.5 GB for the 0.5B default); without it a NaN/Inf update stops the run
     rollback_snapshot: bool | None = None
+    # what waits in host memory while the sampler runs (Trainer.sampling_phase, spell_core/training/offload.py):
+    # "off", "moments" (AdamW's), or "all" (the moments and the fp32 weights the sampler does not read)
+    offload_while_sampling: str = "off"
 
 
 class TrainingOutOfMemoryError(torch.cuda.OutOfMemoryError):
@@ -241,6 +245,9 @@ class Trainer:
         if options.agg == "released" and (self._distributed or self._cp > 1):
             raise ValueError("--loss-agg released is implemented for one process; with several ranks or --cp use "
                              "--loss-agg token-mean or seq-mean-token-mean")
+        if options.offload_while_sampling not in OFFLOAD_LEVELS:
+            raise ValueError(f"offload_while_sampling={options.offload_while_sampling!r} (--offload-while-sampling): "
+                             f"expected one of {', '.join(OFFLOAD_LEVELS)}")
         if not options.temperature > 0:
             raise ValueError(f"temperature must be > 0 (the sampling temperature), got {options.temperature}")
         model.gradient_checkpointing = options.gradient_checkpointing
@@ -268,6 +275,12 @@ class Trainer:
         self.autocast = self.device.type == "cuda" if autocast is None else bool(autocast)
         # attention's share of a micro-batch's cost, for balancing (see spell_kernels.packing)
         self.quadratic_weight = 1.0 / (12 * model.config.hidden_size)
+
+    def sampling_phase(self):
+        """A context for sampling between updates: with `offload_while_sampling` on, the optimizer
+        state (and the fp32 weights) wait in host memory inside it; it yields a dict of the bytes
+        moved and the seconds spent, filled when the block ends. Collective on several ranks."""
+        return offload_while_sampling(self, self.options.offload_while_sampling)
 
     def train_step(self, trajectories: list[Trajectory]) -> dict:
         """One optimizer step on all `trajectories`; returns the step's metrics (plain numbers)."""

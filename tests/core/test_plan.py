@@ -176,14 +176,16 @@ def test_activation_model_against_the_live_bytes_of_a_cpu_step(checkpointing):
 
 
 def test_readme_shows_what_the_planner_prints(capsys):
-    """README's Qwen3-8B example at 128k on 8 x 80 GB: every line it shows under each command is a
-    line the planner prints today (config.json from the fixture instead of the hub)."""
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    """README's examples (Qwen3-8B at 128k on 8 x 80 GB; Qwen3-30B-A3B at 16k and 128k on 8 x 80 and
+    8 x 141 GB): every line shown under each command is a line the planner prints today
+    (Qwen3-8B's config.json from the fixture instead of the hub)."""
+    root = Path(__file__).parents[2]
+    readme = (root / "README.md").read_text()
     commands = [c for c in readme.split("$ python -m spell_core.plan ")[1:]]
-    assert len(commands) == 2
+    assert len(commands) == 6
     for block in commands:
         command, *shown = block.split("```")[0].strip().splitlines()
-        argv = command.replace("Qwen/Qwen3-8B", str(QWEN3_8B)).split()
+        argv = command.replace("Qwen/Qwen3-8B", str(QWEN3_8B)).replace("bench/", f"{root}/bench/").split()
         plan.main(argv)
         printed = capsys.readouterr().out.splitlines()
         assert shown and all(line in printed for line in shown if line != "...")

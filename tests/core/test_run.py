@@ -21,7 +21,7 @@ from spell_core.run import main
 from tests.core.scripted import make_tiny_corpus, make_tiny_model, random_play, scripted_generate
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMING = ("time_", "step_time_s", "train_step_time_s", "cpu_", "step_cpu")
+TIMING = ("time_", "step_time_s", "train_step_time_s", "cpu_", "step_cpu", "offload_s")
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +110,25 @@ def test_resume_equals_an_uninterrupted_run(assets, scripted, tmp_path, capsys):
     ea = json.loads((train_state.find_latest(straight) / "state.json").read_text())["extra"]["self_play"]
     eb = json.loads((train_state.find_latest(split) / "state.json").read_text())["extra"]["self_play"]
     assert ea == eb
+
+
+def test_offload_while_sampling_changes_nothing_but_where_the_state_waits(assets, scripted, tmp_path):
+    """--offload-while-sampling on (AdamW's moments parked while the loop samples; the model is fp32
+    on a CPU, so its weights stay): the checkpoint's weights and optimizer state and the metrics
+    are bitwise those of the run without it."""
+    plain, moved = tmp_path / "plain", tmp_path / "moved"
+    rounds = ("--steps", "2", "--save-every", "10", "--kept-groups", "1", "--max-rounds", "4")  # every step trains
+    assert main(argv(assets, plain, *rounds)) == 0
+    assert main(argv(assets, moved, *rounds, "--offload-while-sampling", "on")) == 0
+    a, b = metrics_lines(plain), metrics_lines(moved)
+    assert all(m["trajectories_responder"] > 0 for m in a)
+    assert "offload_bytes" not in a[0] and b[0]["offload_bytes"] == 0 < b[1]["offload_bytes"]  # moments from step 2
+    assert without_timing(a) == [{k: v for k, v in m.items() if k != "offload_bytes"} for m in without_timing(b)]
+    wa, wb = weights(train_state.find_latest(plain)), weights(train_state.find_latest(moved))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    oa, ob = (torch.load(train_state.find_latest(run) / "optimizer.pt") for run in (plain, moved))
+    assert oa["state"].keys() == ob["state"].keys() and len(oa["state"]) > 0
+    assert all(torch.equal(oa["state"][i][key], ob["state"][i][key]) for i in oa["state"] for key in oa["state"][i])
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(assets, scripted, tmp_path, capsys):

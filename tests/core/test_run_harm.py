@@ -179,7 +179,7 @@ def test_config_differences_ignore_free_keys_and_options_of_other_versions():
     from spell_core.cli.run_folder import config_differences
 
     stored = {"model": {"name": "m"}, "steps": 3, "save_every": 1, "out": "a", "data": {"ctx": 2048},
-              "trainer": {"betas": [0.9, 0.999], "old_knob": 1}}
+              "trainer": {"betas": [0.9, 0.999], "old_knob": 1, "offload_while_sampling": "off"}}
     given = {"model": {"name": "m"}, "steps": 9, "save_every": 5, "out": "b", "data": {"ctx": 4096},
-             "trainer": {"betas": (0.9, 0.999), "max_rollbacks": 3}}
+             "trainer": {"betas": (0.9, 0.999), "max_rollbacks": 3, "offload_while_sampling": "all"}}
     assert config_differences(stored, given) == {"data.ctx": (2048, 4096)}
