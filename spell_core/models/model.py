@@ -1,4 +1,4 @@
-"""One decoder for the Llama, Qwen2 and Qwen3 families, on packed inputs.
+"""One decoder for the Llama, Qwen2, Qwen3 and Qwen3-MoE families, on packed inputs.
 
 Inputs are packed: input_ids (T,), cu_seqlens (B+1,) int32, position_ids (T,); there is no
 padding anywhere. Module and parameter names mirror transformers' (`model.layers.3.self_attn.
@@ -8,6 +8,9 @@ Attention seam: every layer computes q (T, Hq, D), k and v (T, Hkv, D) after q/k
 RoPE, then calls an attention backend `attn(layer_idx, q, k, v) -> out (T, Hq, D)`. The
 default is causal varlen attention within each packed sequence; the sampler passes a
 backend that keeps a KV cache, the trainer one that shares a prefix across responses.
+
+Qwen3-MoE layers swap the MLP for `models.moe.SparseMoeBlock`; `forward_hidden(..., routing=)`
+records or replays their expert choices (`models.routing`).
 """
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +23,17 @@ from torch.utils.checkpoint import checkpoint
 
 import spell_kernels
 from spell_core.models import checkpoint as ckpt
+from spell_core.models import moe_checkpoint
+from spell_core.models.moe import RouterStats, SparseMoeBlock, is_moe_layer, moe_fields, router_aux_loss
 from spell_core.models.rope import apply_rotary, rope_parameters_from_hf, rotary_cos_sin, with_rope_scaling
+from spell_core.models.routing import Routing
 
 __all__ = ["ModelConfig", "CausalLM", "VarlenCausalAttention", "load_pretrained", "save_pretrained",
            "config_from_folder", "with_rope_scaling", "SUPPORTED_ARCHITECTURES"]
 
 # model_type -> the architecture name transformers knows it by
-SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                           "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 AttentionBackend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -53,6 +60,13 @@ class ModelConfig:
     mlp_bias: bool
     qk_norm: bool
     dtype: torch.dtype | None = None  # the checkpoint's storage dtype, when config.json says
+    # qwen3_moe only (num_experts 0: every layer dense)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -85,6 +99,7 @@ class ModelConfig:
         raw.setdefault("max_position_embeddings", 2048 if model_type == "llama" else 32768)
         attention_bias = bool(raw.get("attention_bias", False))
         dtype_name = raw.get("dtype") or raw.get("torch_dtype")
+        moe = moe_fields(raw, raw["num_hidden_layers"], source) if model_type == "qwen3_moe" else {}
         return cls(
             model_type=model_type,
             vocab_size=raw["vocab_size"],
@@ -101,10 +116,14 @@ class ModelConfig:
             qkv_bias=True if model_type == "qwen2" else attention_bias,  # Qwen2 always has q/k/v bias
             o_bias=attention_bias if model_type != "qwen2" else False,
             mlp_bias=bool(raw.get("mlp_bias", False)) if model_type == "llama" else False,
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             dtype=_DTYPES.get(dtype_name),
             raw=raw,
+            **moe,
         )
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return is_moe_layer(layer_idx, self.num_experts, self.decoder_sparse_step, self.mlp_only_layers)
 
     def to_hf(self, dtype: torch.dtype | None = None) -> dict:
         """config.json contents: the raw dict, with the architecture and (if given) dtype."""
@@ -169,16 +188,21 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = SparseMoeBlock(config.num_experts, config.num_experts_per_tok, config.hidden_size,
+                                      config.moe_intermediate_size, config.norm_topk_prob)
+        else:
+            self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, attn: AttentionBackend, layer_idx: int):
+    def forward(self, x, cos, sin, attn: AttentionBackend, layer_idx: int, routing: Routing | None = None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, layer_idx, routing) if isinstance(self.mlp, SparseMoeBlock) else self.mlp(h))
 
 
 class Decoder(nn.Module):
@@ -187,7 +211,7 @@ class Decoder(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -206,7 +230,12 @@ class VarlenCausalAttention:
 
 
 class CausalLM(nn.Module):
-    """Decoder + LM head. `lm_head_weight` is the (V, H) head (the embedding when tied)."""
+    """Decoder + LM head. `lm_head_weight` is the (V, H) head (the embedding when tied).
+
+    MoE models: with `router_aux_loss_coef` > 0 (off by default: RL does not want it) every
+    forward leaves `router_aux_loss` = coef x transformers' load-balancing loss over its MoE
+    layers, for the caller to add to its loss; `read_expert_load()` returns and resets the
+    per-layer token counts per expert."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -215,17 +244,47 @@ class CausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
         self.gradient_checkpointing = False
+        self.router_aux_loss_coef = 0.0
+        self.router_aux_loss: torch.Tensor | None = None
+
+    def moe_blocks(self) -> dict[int, SparseMoeBlock]:
+        """Layer index -> its sparse block, for the MoE layers."""
+        return {i: layer.mlp for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, SparseMoeBlock)}
+
+    def read_expert_load(self) -> dict[int, torch.Tensor]:
+        """Layer index -> (E,) int64 tokens routed to each expert (each token counts k times) by
+        the forwards since the last read; stays on the device (no host sync) and resets."""
+        return {i: block.read_expert_load() for i, block in self.moe_blocks().items()}
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward_hidden(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                       position_ids: torch.Tensor | None = None, attn: AttentionBackend | None = None) -> torch.Tensor:
+                       position_ids: torch.Tensor | None = None, attn: AttentionBackend | None = None,
+                       routing: Routing | None = None) -> torch.Tensor:
         """Final-norm hidden states (T, hidden) of packed input_ids (T,).
 
         cu_seqlens defaults to one sequence; position_ids to 0..L-1 per sequence; attn to
-        causal attention within each sequence of cu_seqlens."""
+        causal attention within each sequence of cu_seqlens; routing records or replays the
+        MoE layers' expert ids (`models.routing`; ignored by dense models)."""
+        blocks = self.moe_blocks().values()
+        stats = None
+        if self.router_aux_loss_coef and blocks:
+            zeros = torch.zeros(self.config.num_experts, dtype=torch.float32, device=input_ids.device)
+            stats = RouterStats(zeros, zeros.clone())
+        for block in blocks:
+            block.live, block.stats = True, stats
+        try:
+            hidden = self._forward_hidden(input_ids, cu_seqlens, position_ids, attn, routing)
+        finally:
+            for block in blocks:
+                block.live, block.stats = False, None
+        self.router_aux_loss = (self.router_aux_loss_coef * router_aux_loss(stats, self.config.num_experts)
+                                if stats is not None else None)
+        return hidden
+
+    def _forward_hidden(self, input_ids, cu_seqlens, position_ids, attn, routing) -> torch.Tensor:
         cu_seqlens = _check_packed(input_ids, cu_seqlens, position_ids)
         if position_ids is None:
             position_ids = spell_kernels.position_ids_from_cu_seqlens(cu_seqlens)
@@ -237,21 +296,22 @@ class CausalLM(nn.Module):
                                   dtype=x.dtype)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, attn, i, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, attn, i, routing, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn, i)
+                x = layer(x, cos, sin, attn, i, routing)
         return self.model.norm(x)
 
-    def forward(self, input_ids, cu_seqlens=None, position_ids=None, attn=None) -> torch.Tensor:
+    def forward(self, input_ids, cu_seqlens=None, position_ids=None, attn=None, routing=None) -> torch.Tensor:
         """Logits (T, vocab). Prefer token_logprobs when only the targets' log-probs are needed."""
-        return F.linear(self.forward_hidden(input_ids, cu_seqlens, position_ids, attn), self.lm_head_weight)
+        return F.linear(self.forward_hidden(input_ids, cu_seqlens, position_ids, attn, routing), self.lm_head_weight)
 
     def token_logprobs(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                       position_ids: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+                       position_ids: torch.Tensor | None = None, temperature: float = 1.0,
+                       routing: Routing | None = None) -> torch.Tensor:
         """(T,) float32: log p(token t | earlier tokens of its sequence); the first token of
         each sequence gets 0. Logits are never materialised (fused linear log-prob)."""
         cu_seqlens = _check_packed(input_ids, cu_seqlens, position_ids)
-        hidden = self.forward_hidden(input_ids, cu_seqlens, position_ids)
+        hidden = self.forward_hidden(input_ids, cu_seqlens, position_ids, routing=routing)
         # the hidden state at t predicts token t+1 unless t is the last token of its sequence
         targets = torch.full_like(input_ids, -100)
         targets[:-1] = input_ids[1:]
@@ -302,7 +362,9 @@ def load_pretrained(path_or_alias, dtype: torch.dtype | None = None, device=None
         model = CausalLM(config)
     expected = {name: p.shape for name, p in model.state_dict().items()}
     ignore = _IGNORED_TENSORS + ((r"^lm_head\.weight$",) if config.tie_word_embeddings else ())
-    state = ckpt.load_tensors(folder, expected, device=device, dtype=dtype, ignore=ignore)
+    on_disk = moe_checkpoint.names_on_disk(expected, set(ckpt.weight_files(folder))) if config.num_experts else expected
+    state = ckpt.load_tensors(folder, on_disk, device=device, dtype=dtype, ignore=ignore)
+    state = moe_checkpoint.fuse_experts(state, expected)
     model.load_state_dict(state, strict=True, assign=True)
     _check_tokenizer_files(Path(folder))
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -326,6 +388,7 @@ def save_pretrained(model: CausalLM, tokenizer, path, max_shard_bytes: int = ckp
     """Write an HF checkpoint folder (config.json, safetensors, tokenizer files) that
     transformers' AutoModelForCausalLM.from_pretrained loads. A tied head is not written."""
     tensors = model.state_dict()  # the tied head is the embedding: lm_head is None, nothing to drop
+    tensors = moe_checkpoint.split_experts(tensors)  # the Hub's per-expert layout, what transformers writes
     dtype = next(iter(tensors.values())).dtype
     config = model.config.to_hf(dtype=dtype)
     write_tokenizer = (lambda folder: tokenizer.save_pretrained(folder)) if tokenizer is not None else None

@@ -27,3 +27,25 @@ def ours_from_hf(hf_model) -> CausalLM:
         state.pop("lm_head.weight")
     model.load_state_dict(state, strict=True)
     return model
+
+
+def tiny_moe_config(vocab_size: int, **overrides) -> transformers.Qwen3MoeConfig:
+    """A tiny Qwen3-MoE: 3 layers, layer 1 dense (mlp_only_layers), 8 experts, top-2."""
+    kwargs = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+                  max_position_embeddings=4096, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    return transformers.Qwen3MoeConfig(**kwargs)
+
+
+def make_tiny_moe_model(folder, tokenizer_source, seed: int = 0, **overrides):
+    """tiny_moe_config with `tokenizer_source`'s tokenizer, random perturbed weights, saved by
+    transformers into `folder` (the Hub's per-expert layout); `load_pretrained(folder)` reads it."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_source)
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    model = perturbed_hf_model(tiny_moe_config(len(tokenizer), **special, **overrides), seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
