@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from spell_core.models.moe import expert_id_dtype
 from spell_core.models.routed_tokens import RoutedTokens, moe_layers, stack_record
 from spell_core.models.routing import Routing
 
@@ -19,8 +20,6 @@ __all__ = ["RoutingCapture"]
 
 class RoutingCapture:
     def __init__(self, model):
-        from spell_core.models.moe import expert_id_dtype
-
         self.layers = moe_layers(model.config)
         self.dtype = expert_id_dtype(model.config.num_experts)
         self.prefill_rows: list[torch.Tensor] = []

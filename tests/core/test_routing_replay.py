@@ -109,7 +109,7 @@ def test_replayed_logprobs_are_the_samplers(shared_prefix, budget):
     prompts = prompts_of([6, 9])
     trajs = trajectories(prompts, sample(model, prompts))
     # 24 tokens: the groups split into several micro-batches, each repeating its prompt
-    assert len(plan_micro_batches(trajs, budget, shared_prefix)) == (1 if budget > 100 else 3)
+    assert (len(plan_micro_batches(trajs, budget, shared_prefix)) > 2) == (budget < 100)
     low, high = ratio_extremes(model, trajs, shared_prefix=shared_prefix, micro_batch_tokens=budget)
     assert abs(low - 1) < 1e-5 and abs(high - 1) < 1e-5
 
