@@ -188,6 +188,68 @@ def test_missing_or_misaligned_records_are_clear_errors():
     other = tiny_moe(num_experts_per_tok=3)
     with pytest.raises(RoutingRecordError, match=r"shape \(6, 2, 2\), expected \(tokens, 2 MoE layers, 3 experts"):
         Trainer(other, TrainerOptions(temperature=TEMPERATURE, max_rollbacks=None)).accumulate_gradients(trajs[:1])
+    # a rank with fewer micro-batches pads with a ghost one: it carries expert ids too
+    assert trainer.padding_micro_batch().routing.shape == (2, 2, 2)
     # without replay the records are not needed
     Trainer(model, TrainerOptions(temperature=TEMPERATURE, max_rollbacks=None,
                                   routing_replay=False)).accumulate_gradients(bare)
+
+
+def _context_parallel_scenario(topology, trajs, state):
+    model = tied_router_moe().double()
+    model.load_state_dict(state)
+    trainer = Trainer(model, TrainerOptions(temperature=TEMPERATURE, max_rollbacks=None, agg="token-mean",
+                                            micro_batch_tokens=40), topology)
+    metrics = trainer.accumulate_gradients(trajs)
+    return {k: metrics[k] for k in ("loss", "ratio_min", "ratio_max", "micro_batches")}
+
+
+def test_context_parallel_shards_the_experts_like_the_tokens(tmp_path):
+    """2 CP ranks (gloo), each holding a zigzag shard of every sequence and of its expert ids: the
+    loss is the single-process one and every ratio stays 1 where live routing would move it."""
+    from tests.core.test_distributed import run_ranks
+
+    model = tied_router_moe().double()
+    prompts = prompts_of([7, 10], seed=4)
+    trajs = trajectories(prompts, sample(model, prompts, n=3, max_new_tokens=8))
+    break_ties(model)
+    single = Trainer(model, TrainerOptions(temperature=TEMPERATURE, max_rollbacks=None, agg="token-mean",
+                                           micro_batch_tokens=80)).accumulate_gradients(trajs)
+    ranks = run_ranks(2, _context_parallel_scenario, tmp_path, trajs, model.state_dict(), cp=2)
+    for result in ranks:
+        assert result["micro_batches"] == single["micro_batches"]
+        assert result["loss"] == pytest.approx(single["loss"], rel=1e-9)
+        assert abs(result["ratio_min"] - 1) < 1e-4 and abs(result["ratio_max"] - 1) < 1e-4
+
+
+def test_the_cuda_graph_step_records_the_eager_steps_experts():
+    """decode_graph.py's static-buffer step (padding rows past the live ones), run without capture
+    (the graph itself needs a GPU): the live rows' expert ids are the eager step's."""
+    from spell_core.sampling.decode_graph import CudaGraphDecoder
+    from spell_core.sampling.kv_cache import KVCache, WaveLayout
+    from spell_core.sampling.routing_capture import RoutingCapture
+    from spell_core.sampling.sampler import _decode_step, _decode_tables, _Sample
+
+    model = tiny_moe()
+    counts, prompt_lens, new_tokens = [2, 1, 1], [9, 5, 12], 6
+    layout = WaveLayout.build(prompt_lens, counts, [new_tokens] * 3)
+    cache = KVCache(model.config, layout.num_slots + 1, torch.float32, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    samples = [_Sample(r, i, prompt_lens[r], new_tokens, layout.own_start[i], None,
+                       tokens=torch.randint(1, VOCAB, (i + 1,), generator=gen).tolist())
+               for i, r in enumerate([0, 0, 1, 2])]
+    live = [samples[0], samples[1], samples[3]]  # 3 live rows in a bucket of 4
+    graph_capture, eager_capture = RoutingCapture(model), RoutingCapture(model)
+    decoder = CudaGraphDecoder(model, cache, layout, counts, new_tokens, 1.0, _decode_tables, _decode_step,
+                               capture=False, routing=graph_capture)
+    with torch.inference_mode():
+        decoder(live)
+        _decode_step(model, cache, layout, live, 1.0, routing=eager_capture)
+    assert [b.request for b in live] == [0, 0, 2]
+    graph_rows, eager_rows = graph_capture.decode_rows[0], eager_capture.decode_rows[0]
+    assert graph_rows.shape == eager_rows.shape == (3, 2, 2)
+    assert torch.equal(graph_rows.sort(-1).values, eager_rows.sort(-1).values)
+    assert graph_capture.sample_rows == {(0, 0): [0], (0, 1): [1], (2, 3): [2]}
+    assert not any(block.live for block in model.moe_blocks().values())
