@@ -108,9 +108,9 @@ class SparseMoeBlock(nn.Module):
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         ids = self._replayed_ids(x, layer_idx, routing)
         if ids is None:
-            weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        else:
-            weights = probs.gather(1, ids)
+            with torch.no_grad():  # the same autograd graph as a replay (checkpoint recompute replays)
+                ids = torch.topk(probs, self.top_k, dim=-1).indices
+        weights = probs.gather(1, ids)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(logits.dtype)
