@@ -54,7 +54,7 @@ class Completion:
     logprobs: list[float]
     finish_reason: str
     text: str
-    routing: RoutedTokens | None = None
+    routing: RoutedTokens | None = field(default=None, compare=False)
 
 
 @dataclass

@@ -17,7 +17,7 @@ class Sample:
     logprobs: list[float]
     text: str
     finish_reason: str = "stop"
-    routing: RoutedTokens | None = None
+    routing: RoutedTokens | None = field(default=None, compare=False)
 
 
 @dataclass
