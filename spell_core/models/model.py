@@ -29,7 +29,7 @@ from spell_core.models.rope import apply_rotary, rope_parameters_from_hf, rotary
 from spell_core.models.routing import Routing
 
 __all__ = ["ModelConfig", "CausalLM", "VarlenCausalAttention", "load_pretrained", "save_pretrained",
-           "config_from_folder", "with_rope_scaling", "SUPPORTED_ARCHITECTURES"]
+           "config_from_folder", "with_rope_scaling", "SUPPORTED_ARCHITECTURES", "read_weights", "hf_tensors"]
 
 # model_type -> the architecture name transformers knows it by
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -362,13 +362,25 @@ def load_pretrained(path_or_alias, dtype: torch.dtype | None = None, device=None
         model = CausalLM(config)
     expected = {name: p.shape for name, p in model.state_dict().items()}
     ignore = _IGNORED_TENSORS + ((r"^lm_head\.weight$",) if config.tie_word_embeddings else ())
-    on_disk = moe_checkpoint.names_on_disk(expected, set(ckpt.weight_files(folder))) if config.num_experts else expected
-    state = ckpt.load_tensors(folder, on_disk, device=device, dtype=dtype, ignore=ignore)
-    state = moe_checkpoint.fuse_experts(state, expected)
+    state = read_weights(folder, expected, device=device, dtype=dtype, ignore=ignore)
     model.load_state_dict(state, strict=True, assign=True)
     _check_tokenizer_files(Path(folder))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
+
+
+def read_weights(folder, expected: dict[str, torch.Size], device="cpu", dtype: torch.dtype | None = None,
+                 ignore=()) -> dict[str, torch.Tensor]:
+    """`checkpoint.load_tensors` for a model's state dict names -> shapes: MoE expert tensors are
+    read in either layout (per expert or fused) and returned fused, as the model holds them."""
+    on_disk = moe_checkpoint.names_on_disk(expected, set(ckpt.weight_files(folder)))
+    state = ckpt.load_tensors(folder, on_disk, device=device, dtype=dtype, ignore=ignore)
+    return moe_checkpoint.fuse_experts(state, expected)
+
+
+def hf_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model's state dict as a checkpoint stores it (MoE experts per expert, as views)."""
+    return moe_checkpoint.split_experts(state)
 
 
 # any one of these sets is a tokenizer transformers can load without extra packages or downloads
@@ -388,7 +400,7 @@ def save_pretrained(model: CausalLM, tokenizer, path, max_shard_bytes: int = ckp
     """Write an HF checkpoint folder (config.json, safetensors, tokenizer files) that
     transformers' AutoModelForCausalLM.from_pretrained loads. A tied head is not written."""
     tensors = model.state_dict()  # the tied head is the embedding: lm_head is None, nothing to drop
-    tensors = moe_checkpoint.split_experts(tensors)  # the Hub's per-expert layout, what transformers writes
+    tensors = hf_tensors(tensors)  # the Hub's per-expert layout, what transformers writes
     dtype = next(iter(tensors.values())).dtype
     config = model.config.to_hf(dtype=dtype)
     write_tokenizer = (lambda folder: tokenizer.save_pretrained(folder)) if tokenizer is not None else None

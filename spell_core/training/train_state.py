@@ -38,7 +38,7 @@ import torch
 
 from spell_core.models import checkpoint as ckpt
 from spell_core.common import durable
-from spell_core.models.model import CausalLM, save_pretrained
+from spell_core.models.model import CausalLM, hf_tensors, read_weights, save_pretrained
 
 __all__ = ["save", "load", "load_usable", "tidy", "find_latest", "list_checkpoints", "checkpoint_dir", "CHECKPOINTS", "COMPLETE"]
 
@@ -139,7 +139,7 @@ def load(path, model: CausalLM, optimizer: torch.optim.Optimizer | None = None, 
     folder = _resolve(Path(path))
     # every file is read (and checked) before anything is applied: a corrupt file leaves the model as it was
     expected = {name: t.shape for name, t in model.state_dict().items()}
-    tensors = ckpt.load_tensors(folder, expected)
+    tensors = read_weights(folder, expected)
     optimizer_state = None
     if optimizer is not None:
         optimizer_state = _read_optimizer(folder, next(model.parameters()).device)
@@ -219,7 +219,8 @@ def _save_from_ranks(out_dir, step, model, tokenizer, optimizer, state_text, gen
             _refuse_non_finite(tensors, step)
             config = model.config.to_hf(dtype=next(iter(tensors.values())).dtype)
             write_tokenizer = (lambda folder: tokenizer.save_pretrained(folder)) if tokenizer is not None else None
-            folder = _write(out_dir, step, lambda f: ckpt.save_checkpoint(f, config, tensors, write_extra=write_tokenizer),
+            folder = _write(out_dir, step, lambda f: ckpt.save_checkpoint(f, config, hf_tensors(tensors),
+                                                                          write_extra=write_tokenizer),
                             optimizer_state, state_text, generators, keep_last, tensor_bytes(tensors))
             outcome = [("saved", str(folder))]
         except Exception as err:
@@ -243,7 +244,7 @@ def _load_into_ranks(path, model, optimizer, generators, restore_rng) -> tuple[i
         try:
             folder = _resolve(Path(path))
             expected = {name: t.shape for name, t in model.state_dict().items()}  # global shapes
-            tensors = ckpt.load_tensors(folder, expected)
+            tensors = read_weights(folder, expected)
             if optimizer is not None:
                 optimizer_state = _read_optimizer(folder, "cpu")
                 if not _keyed_by_name(optimizer_state):  # saved by one process

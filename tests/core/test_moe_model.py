@@ -152,19 +152,21 @@ def test_record_returns_transformers_top_k_where_there_is_no_near_tie(name):
 
 
 def test_replaying_a_recording_reproduces_the_forward_and_recording_is_kept_through_checkpointing():
+    """Gradient checkpointing: the same log-probs, recording, gradients (aux loss included), one count."""
     hf = make_hf("k2_norm")
     ours = ours_from_hf(hf)
     _, ids, cu = seqs_and_packed()
+    ours.router_aux_loss_coef = 0.01  # its sums leave the checkpointed layers: their gradient must still arrive
     recorded = Routing("record")
     plain = ours.token_logprobs(ids, cu, routing=recorded)
-    plain.sum().backward()
+    (plain.sum() + ours.router_aux_loss).backward()
     grads = {n: p.grad.clone() for n, p in ours.named_parameters()}
     ours.zero_grad()
     ours.gradient_checkpointing = True
     ours.read_expert_load()
     again = Routing("record")
     checkpointed = ours.token_logprobs(ids, cu, routing=again)
-    checkpointed.sum().backward()
+    (checkpointed.sum() + ours.router_aux_loss).backward()
     assert torch.equal(checkpointed, plain)
     assert all(torch.equal(again.experts[i], recorded.experts[i]) for i in recorded.experts)
     for n, p in ours.named_parameters():
@@ -305,3 +307,21 @@ def test_replay_without_a_layers_ids_or_with_the_wrong_shape_says_so():
     bad = {i: torch.zeros(4, 2, dtype=torch.uint8) for i in (0, 2, 3)}
     with pytest.raises(ValueError, match=r"layer 0 has expert ids of shape \(4, 2\), expected \(5, 2\)"):
         ours(ids, routing=Routing("replay", bad))
+
+
+def test_train_state_checkpoint_round_trip(tmp_path):
+    from spell_core.training import train_state
+
+    model = ours_from_hf(make_hf("k2_norm"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.token_logprobs(seqs_and_packed()[1]).sum().backward()
+    optimizer.step()
+    folder = train_state.save(tmp_path, 3, model, tiny_tokenizer(), optimizer)
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert "model.layers.2.mlp.experts.5.up_proj.weight" in set(f.keys())
+    fresh = ours_from_hf(make_hf("k2_norm", seed=1))
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    assert train_state.load(tmp_path, fresh, fresh_optimizer)[0] == 3
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    saved_avg = optimizer.state_dict()["state"][5]["exp_avg"]
+    assert torch.equal(fresh_optimizer.state_dict()["state"][5]["exp_avg"], saved_avg)
