@@ -75,7 +75,8 @@ class RouterStats:
 
 
 def router_aux_loss(stats: RouterStats, num_experts: int) -> torch.Tensor:
-    """transformers' load_balancing_loss_func (Switch Transformer eqs. 4-6) over every layer's tokens."""
+    """transformers' load_balancing_loss_func (Switch Transformer eqs. 4-6) over every layer's tokens;
+    the assignments counted are the ones used (the replayed ids under routing replay)."""
     rows = max(stats.rows, 1)
     return num_experts * torch.sum((stats.tokens_per_expert / rows) * (stats.prob_sum / rows))
 
