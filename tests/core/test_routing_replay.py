@@ -253,3 +253,16 @@ def test_the_cuda_graph_step_records_the_eager_steps_experts():
     assert torch.equal(graph_rows.sort(-1).values, eager_rows.sort(-1).values)
     assert graph_capture.sample_rows == {(0, 0): [0], (0, 1): [1], (2, 3): [2]}
     assert not any(block.live for block in model.moe_blocks().values())
+
+
+def test_expert_load_metrics_by_hand():
+    from types import SimpleNamespace
+
+    from spell_core.models.routed_tokens import expert_load_metrics
+
+    counts = {2: torch.tensor([1, 1, 1, 1]), 0: torch.tensor([6, 0, 1, 1])}  # layer 0: busiest 6 over a mean of 2
+    model = SimpleNamespace(read_expert_load=lambda: counts)
+    assert expert_load_metrics(model) == {"expert_load": [[6, 0, 1, 1], [1, 1, 1, 1]], "expert_load_imbalance": 3.0}
+    counts = {0: torch.zeros(4, dtype=torch.long)}
+    assert expert_load_metrics(model) == {"expert_load": [[0, 0, 0, 0]], "expert_load_imbalance": None}
+    assert expert_load_metrics(SimpleNamespace()) == {}
