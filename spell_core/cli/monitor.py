@@ -247,6 +247,10 @@ def summary_line(m: dict, total_steps: int | None = None) -> str:
         parts.append("time " + " ".join(f"{short} {seconds:.0f}" for short, seconds in stages) + " s")
     cpu = f" (cpu {m['step_cpu_s']:.1f} s)" if "step_cpu_s" in m else ""  # below the wall time on a busy machine
     parts.append(f"{m.get('step_time_s', 0.0):.1f} s{cpu}")
+    load = [(who, m.get(key)) for who, key in (("sample", "expert_load_imbalance"),
+                                               ("train", "train_expert_load_imbalance")) if m.get(key) is not None]
+    if load:  # MoE models: the busiest expert's load over the mean, worst layer
+        parts.append("experts max/mean " + " ".join(f"{who} {value:.1f}" for who, value in load))
     if m.get("train_skipped"):
         parts.append(f"update skipped: {m.get('train_skip_reason')}")
     if "gpu_memory_used_gib" in m:

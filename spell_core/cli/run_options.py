@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="recompute activations in backward: a quarter more compute for much less memory "
                              "(default: off)")
+    parser.add_argument("--routing-replay", action=argparse.BooleanOptionalAction, default=None,
+                        help="mixture-of-experts models: train with the experts the sampler chose for each token "
+                             "(the gate weights still come from the live router), so near-ties in the router cannot "
+                             "make the trainer's log-probs drift from the sampler's (default: on; dense models: no "
+                             "effect)")
     parser.add_argument("--overlap-grounding", action=argparse.BooleanOptionalAction, default=None,
                         help="sample the grounding filter's answers together with the responders' (one decode loop "
                              "instead of two; the answers to questions the filter rejects are dropped) (default: on "
@@ -227,7 +232,8 @@ def trainer_options(config: RunConfig, args: argparse.Namespace):
                              gradient_checkpointing=args.gradient_checkpointing, clip_low=args.clip_low,
                              clip_high=args.clip_high, dual_clip=args.dual_clip or None,
                              rollback_snapshot=args.rollback_snapshot, agg=args.loss_agg,
-                             offload_while_sampling="all" if args.offload_while_sampling == "on" else "off")
+                             offload_while_sampling="all" if args.offload_while_sampling == "on" else "off",
+                             routing_replay=args.routing_replay)
     if args.lr is not None:
         options.lr = args.lr
     return options

@@ -17,6 +17,7 @@ once, sharded, and each rank holds (prompt + sum of responses) / CP tokens. Atte
 `spell_kernels.ring_shared_prefix_attn_func` (`RingSharedPrefixAttention`): the responses'
 queries see their own segment causally and, through the same K/V ring, every real key of the
 prompt's shards, merged by log-sum-exp (spell_kernels/ring_shared_prefix.py).
+An MoE model's replayed expert ids (trainer.MicroBatch.routing) are sharded like the tokens.
 Dynamic-NTK RoPE is refused (its frequencies depend on the sequence length a shard does not see).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 import spell_kernels
+from spell_core.models.routed_tokens import as_replay
 from spell_kernels.ring_attn import zigzag_cu_seqlens, zigzag_pad, zigzag_shard
 from spell_kernels.ring_shared_prefix import RingSharedPrefixPlan
 
@@ -67,6 +69,7 @@ class ContextShard:
     hidden_rows: torch.Tensor  # (n,) local hidden rows this rank scores
     loss_rows: torch.Tensor  # (n,) which of the micro-batch's loss rows (pred_rows order) they are
     plan: RingSharedPrefixPlan | None = None  # for a micro-batch with shared-prefix groups
+    routing: torch.Tensor | None = None  # (T_local, L, k) the replayed expert ids of input_ids (MoE)
 
 
 def shard_micro_batch(mb, rank: int, world_size: int) -> ContextShard:
@@ -90,8 +93,11 @@ def shard_micro_batch(mb, rank: int, world_size: int) -> ContextShard:
     plan = None
     if mb.has_groups:
         plan = RingSharedPrefixPlan.build(cu.diff().tolist(), layout.parent.tolist(), rank, world_size, device)
+    routing = None
+    if mb.routing is not None:  # padding rows (-1) take row 0's ids: their outputs reach no loss row
+        routing = mb.routing[held_original.clamp(min=0)]
     return ContextShard(ids[held], positions[held], cu_local.to(device), max_local, rows[mine],
-                        torch.nonzero(mine).flatten(), plan)
+                        torch.nonzero(mine).flatten(), plan, routing)
 
 
 def micro_batch_loss(trainer, mb, global_count: int):
@@ -107,8 +113,9 @@ def micro_batch_loss(trainer, mb, global_count: int):
     else:
         attn = RingAttention(shard.cu_seqlens, shard.max_seqlen, topo.cp_group)
     context = torch.autocast(trainer.device.type, dtype=torch.bfloat16) if trainer.autocast else nullcontext()
+    replay = {} if shard.routing is None else {"routing": as_replay(shard.routing, trainer.moe_layers)}
     with context:
-        hidden = model.forward_hidden(shard.input_ids, shard.cu_seqlens, shard.position_ids, attn=attn)
+        hidden = model.forward_hidden(shard.input_ids, shard.cu_seqlens, shard.position_ids, attn=attn, **replay)
     weight = model.lm_head_weight
     rows = shard.loss_rows
     targets, old, advantages = mb.targets[rows], mb.old_logprobs[rows], _token_weighted_advantages(mb, opts.agg)[rows]

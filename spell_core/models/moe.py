@@ -135,6 +135,8 @@ class SparseMoeBlock(nn.Module):
     def _account_load(self, ids: torch.Tensor) -> None:
         if self.expert_load is None or self.expert_load.device != ids.device:
             self.expert_load = torch.zeros(self.num_experts, dtype=torch.long, device=ids.device)
+        elif self.expert_load.is_inference() and not torch.is_inference_mode_enabled():
+            self.expert_load = self.expert_load.clone()  # counted by the sampler (inference mode) until now
         self.expert_load.index_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1)))
 
     def _account(self, ids, probs, layer_idx: int, routing: Routing | None) -> None:

@@ -10,8 +10,11 @@ buffers: rows past the live batch are padding that writes its K/V to a scratch s
 cache's last, outside every wave) and attends to nothing. The grid sizes of the decode
 attention kernel come from the wave's maxima (queries per group, prompt length,
 max_new_tokens), fixed at capture; the kernel skips the keys a row does not have.
-Sampling stays outside the graph.
+Sampling stays outside the graph. An MoE model's expert ids (routing_capture.py) are graph
+outputs too: the MoE layers write them into the capture's record, which each replay overwrites;
+`RoutingCapture.decode` copies the live rows out on the device (no host sync).
 """
+import contextlib
 import warnings
 
 import torch
@@ -57,8 +60,9 @@ class CudaGraphDecoder:
     """Callable like sampler._decode_step: live samples -> logits (B, V)."""
 
     def __init__(self, model, cache, layout, counts: list[int], max_new_tokens: int, scale: float, decode_tables,
-                 eager_step, capture: bool = True):
+                 eager_step, capture: bool = True, routing=None):
         self.model, self.cache, self.layout, self.scale = model, cache, layout, scale
+        self.routing = routing  # a RoutingCapture (MoE models) or None
         self.capture = capture  # False: the same static-buffer step, run eagerly (tests, debugging)
         self.decode_tables, self.eager_step = decode_tables, eager_step
         self.num_groups, self.total = len(counts), sum(counts)
@@ -73,23 +77,30 @@ class CudaGraphDecoder:
 
     def __call__(self, live):
         if self.failed:
-            return self.eager_step(self.model, self.cache, self.layout, live, self.scale)
+            return self.eager_step(self.model, self.cache, self.layout, live, self.scale, routing=self.routing)
         b = len(live)
         bucket = min(1 << (b - 1).bit_length(), self.total)
         if bucket not in self.graphs:
             try:
-                self.graphs[bucket] = self._capture(bucket) if self.capture else (None, self._buffers(bucket), None)
+                self.graphs[bucket] = (self._capture(bucket) if self.capture
+                                       else (None, self._buffers(bucket), None, None))
             except RuntimeError as err:  # keep generating, eagerly
                 warnings.warn(f"CUDA graph capture failed ({err}); decoding eagerly", RuntimeWarning)
                 self.failed = True
-                return self.eager_step(self.model, self.cache, self.layout, live, self.scale)
-        graph, static, logits = self.graphs[bucket]
+                return self.eager_step(self.model, self.cache, self.layout, live, self.scale, routing=self.routing)
+        graph, static, logits, record = self.graphs[bucket]
         self._fill(static, self.decode_tables(self.layout, live, torch.device("cpu")), b)
         if graph is None:
-            logits = self._forward(static)
+            record = self._recorder()
+            logits = self._forward(static, record)
         else:
             graph.replay()
+        if self.routing is not None:
+            self.routing.decode(record, live)
         return logits[:b]
+
+    def _recorder(self):
+        return None if self.routing is None else self.routing.recorder()
 
     def _buffers(self, bucket):
         dev = self.cache.k.device
@@ -115,15 +126,17 @@ class CudaGraphDecoder:
         static["cu_group_queries"][g + 1:].fill_(b)
         static["cu_group_queries"][:g + 1].copy_(tables["cu_group_queries"])
 
-    def _forward(self, static):
-        """CausalLM.forward_hidden's layer loop without its host-side checks, + the LM head at 1/T."""
+    def _forward(self, static, routing=None):
+        """CausalLM.forward_hidden's layer loop without its host-side checks, + the LM head at 1/T;
+        routing: a Routing('record') the MoE layers write their expert ids to."""
         model = self.model
         x = model.model.embed_tokens(static["input_ids"])
         cos, sin = self.cos.index_select(0, static["position_ids"]), self.sin.index_select(0, static["position_ids"])
         attn = DecodeAttention(self.cache, static["write_slots"], static["prefix_start"], static["prefix_len"],
                                static["cu_group_queries"], static["own_start"], static["own_len"], **self.maxima)
-        for i, layer in enumerate(model.model.layers):
-            x = layer(x, cos, sin, attn, i)
+        with _recording(model, routing):
+            for i, layer in enumerate(model.model.layers):
+                x = layer(x, cos, sin, attn, i, *(() if routing is None else (routing,)))
         return F.linear(model.model.norm(x) * self.scale, model.lm_head_weight)
 
     def _capture(self, bucket):
@@ -132,10 +145,25 @@ class CudaGraphDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # compiles the kernels and settles the allocator outside the capture
-                self._forward(static)
+                self._forward(static, self._recorder())
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        record = self._recorder()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(static)
+            logits = self._forward(static, record)
         self.pool = graph.pool()
-        return graph, static, logits
+        return graph, static, logits, record
+
+
+@contextlib.contextmanager
+def _recording(model, routing):
+    """The MoE blocks record only inside a CausalLM forward (models/moe.py: `live`); this loop
+    calls the layers itself, so it marks them for its length."""
+    blocks = list(model.moe_blocks().values()) if routing is not None else []
+    for block in blocks:
+        block.live = True
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.live = False

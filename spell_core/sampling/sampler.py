@@ -14,6 +14,8 @@ successive waves.
 The model object is used as it is (the trainer's, with its current weights): nothing derived
 from the weights is kept between calls. Returned log-probs are fp32 values of
 log_softmax(logits / T) before top-k / top-p (see `sampling.py`), the trainer's scores.
+A mixture-of-experts model's completions also carry the experts every forwarded token went to
+(`Completion.routing`, `routing_capture.py`), for the trainer to replay.
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from spell_core.models.routed_tokens import RoutedTokens
 from spell_core.sampling.kv_cache import DecodeAttention, KVCache, PrefillAttention, WaveLayout, kv_bytes_per_token, \
     plan_waves
+from spell_core.sampling.routing_capture import RoutingCapture
 from spell_core.sampling.token_selection import check_sampling_params, draw_uniforms, make_generators, random_seeds, \
     sample_seed, select_tokens, temperature_scale
 
@@ -43,11 +47,14 @@ class Completion:
     """One sample. token_ids: the generated ids, the stop token (or the token that completed a
     stop string) included; logprobs: their fp32 log-probs at the sampling temperature;
     finish_reason: "stop" (stop token or string) or "length" (max_new_tokens or the model's
-    context); text: the decoded ids without a final stop token, cut before a stop string."""
+    context); text: the decoded ids without a final stop token, cut before a stop string;
+    routing: an MoE model's expert ids of the prompt and of the generated tokens it forwarded
+    (spell_core/models/routed_tokens.py), None for a dense model."""
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str
     text: str
+    routing: RoutedTokens | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -302,11 +309,11 @@ def generate(model, tokenizer, prompts, *, n: int | Sequence[int] = 1, max_new_t
                             model.lm_head_weight.dtype, device)
             report = _Progress(progress, cache.nbytes)
             for wave in waves:
-                samples = _run_wave(model, cache, [prompts[i] for i in wave], [counts[i] for i in wave],
-                                    [new_tokens[i] for i in wave], [seeds[i] for i in wave], sampling, chunk,
-                                    cuda_graph, report)
-                for s in samples:
-                    results[wave[s.request]][s.index] = _completion(s, tokenizer, sampling)
+                samples, routing = _run_wave(model, cache, [prompts[i] for i in wave],
+                                             [counts[i] for i in wave], [new_tokens[i] for i in wave],
+                                             [seeds[i] for i in wave], sampling, chunk, cuda_graph, report)
+                for s, r in zip(samples, routing or [None] * len(samples)):
+                    results[wave[s.request]][s.index] = _completion(s, tokenizer, sampling, r)
     finally:
         model.train(was_training)
     return results
@@ -324,18 +331,18 @@ def _check_budget(needs, budget, prompts, counts, new_tokens, config, dtype) -> 
             f"{needs[i]}, or lower n / max_new_tokens")
 
 
-def _completion(s: _Sample, tokenizer, sampling: _Sampling) -> Completion:
+def _completion(s: _Sample, tokenizer, sampling: _Sampling, routing: RoutedTokens | None) -> Completion:
     text = ""
     if tokenizer is not None:
         stopped_by_token = s.finish_reason == "stop" and s.tokens[-1] in sampling.stop_ids
         text = tokenizer.decode(s.tokens[:-1] if stopped_by_token else s.tokens)
         if sampling.stops:
             text = sampling.stops.cut(text)
-    return Completion(list(s.tokens), list(s.logprobs), s.finish_reason, text)
+    return Completion(list(s.tokens), list(s.logprobs), s.finish_reason, text, routing)
 
 
 def _run_wave(model, cache, prompts, counts, new_tokens, seeds, sampling: _Sampling, chunk, cuda_graph,
-              report) -> list[_Sample]:
+              report) -> tuple[list[_Sample], list[RoutedTokens] | None]:
     layout = WaveLayout.build([len(p) for p in prompts], counts, new_tokens)
     samples, by_request = [], []
     for r, (c, seeds_r) in enumerate(zip(counts, seeds)):
@@ -347,17 +354,18 @@ def _run_wave(model, cache, prompts, counts, new_tokens, seeds, sampling: _Sampl
             by_request[r].append(s)
 
     scale = sampling.scale
-    for done_requests, hidden in _prefill(model, cache, prompts, layout, chunk, report, len(samples)):
+    routing = RoutingCapture(model) if RoutingCapture.enabled(model) else None
+    for done_requests, hidden in _prefill(model, cache, prompts, layout, chunk, report, len(samples), routing):
         # one LM head row per prompt; each of its samples draws from that row
         logits = _lm_head(model, hidden, scale)
         rows = torch.tensor([counts[r] for r in done_requests], device=logits.device)
         sampling.choose(logits.repeat_interleave(rows, dim=0), [s for r in done_requests for s in by_request[r]])
 
-    step = functools.partial(_decode_step, model, cache, layout, scale=scale)
+    step = functools.partial(_decode_step, model, cache, layout, scale=scale, routing=routing)
     if cuda_graph:
         from spell_core.sampling.decode_graph import CudaGraphDecoder
         step = CudaGraphDecoder(model, cache, layout, counts, max(new_tokens), scale, _decode_tables,
-                                _decode_step)
+                                _decode_step, routing=routing)
     live = [s for s in samples if s.finish_reason is None]
     while live:
         t0 = time.perf_counter()
@@ -365,11 +373,12 @@ def _run_wave(model, cache, prompts, counts, new_tokens, seeds, sampling: _Sampl
         decoded = len(live)
         live = [s for s in live if s.finish_reason is None]
         report("decode", decoded, time.perf_counter() - t0, len(live))
-    return samples
+    return samples, (routing.records(layout, samples) if routing is not None else None)
 
 
-def _prefill(model, cache, prompts, layout, chunk_tokens, report, num_samples):
-    """Yields (requests whose prompt ended in this chunk, their last hidden states (k, H))."""
+def _prefill(model, cache, prompts, layout, chunk_tokens, report, num_samples, routing: RoutingCapture | None):
+    """Yields (requests whose prompt ended in this chunk, their last hidden states (k, H)).
+    routing: records each chunk's expert ids (MoE models)."""
     device = cache.k.device
     ends = [start + length for start, length in zip(layout.prompt_start, layout.prompt_len)]
     flat = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)
@@ -396,7 +405,10 @@ def _prefill(model, cache, prompts, layout, chunk_tokens, report, num_samples):
         as_int = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
         attn = PrefillAttention(cache, c0, key_start, as_int(cu_q), as_int(cu_k),
                                 max(b - a for a, b in zip(cu_q, cu_q[1:])), max(b - a for a, b in zip(cu_k, cu_k[1:])))
-        hidden = model.forward_hidden(flat[c0:c1], as_int(cu_q), torch.cat(positions).to(device), attn=attn)
+        record = {} if routing is None else {"routing": routing.recorder()}
+        hidden = model.forward_hidden(flat[c0:c1], as_int(cu_q), torch.cat(positions).to(device), attn=attn, **record)
+        if routing is not None:
+            routing.prefill(record["routing"])
         report("prefill", c1 - c0, time.perf_counter() - t0, num_samples)
         if done:
             yield done, hidden.index_select(0, torch.tensor(last_rows, device=device))
@@ -433,13 +445,18 @@ def _lm_head(model, hidden: torch.Tensor, scale: float) -> torch.Tensor:
     return F.linear(hidden * scale if scale != 1.0 else hidden, model.lm_head_weight)
 
 
-def _decode_step(model, cache, layout, live: list[_Sample], scale: float = 1.0) -> torch.Tensor:
-    """Logits (B, V) at the sampling temperature of the next token of every live sample (eager)."""
+def _decode_step(model, cache, layout, live: list[_Sample], scale: float = 1.0,
+                 routing: RoutingCapture | None = None) -> torch.Tensor:
+    """Logits (B, V) at the sampling temperature of the next token of every live sample (eager);
+    routing: records the step's expert ids (MoE models)."""
     t = _decode_tables(layout, live, cache.k.device)
     attn = DecodeAttention(cache, t["write_slots"], t["prefix_start"], t["prefix_len"], t["cu_group_queries"],
                            t["own_start"], t["own_len"], t["max_group_queries"], t["max_prefix_len"],
                            t["max_own_len"])
     b = len(live)
     cu = torch.arange(b + 1, dtype=torch.int32, device=cache.k.device)
-    hidden = model.forward_hidden(t["input_ids"], cu, t["position_ids"], attn=attn)
+    record = {} if routing is None else {"routing": routing.recorder()}
+    hidden = model.forward_hidden(t["input_ids"], cu, t["position_ids"], attn=attn, **record)
+    if routing is not None:
+        routing.decode(record["routing"], live)
     return _lm_head(model, hidden, scale)

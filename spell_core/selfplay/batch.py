@@ -6,6 +6,8 @@ trained as one shared-prefix group: the prompt is forwarded and back-propagated 
 """
 from dataclasses import dataclass, field
 
+from spell_core.models.routed_tokens import RoutedTokens
+
 ROLES = ("questioner", "responder", "verifier")
 
 
@@ -19,6 +21,7 @@ class Trajectory:
     reward: float = 0.0
     group: str = ""                # trajectories of one group share prompt_ids (e.g. "resp:<question id>")
     info: dict = field(default_factory=dict)  # task type, cluster id, ... (logging only)
+    routing: RoutedTokens | None = field(default=None, compare=False)  # an MoE model's sampled expert ids, for routing replay
 
     def __post_init__(self):
         if self.role not in ROLES:

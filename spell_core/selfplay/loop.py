@@ -33,6 +33,7 @@ import torch
 import spell_kernels
 from spell_core.selfplay.batch import Trajectory
 from spell_core.selfplay.config import RunConfig
+from spell_core.models.routed_tokens import expert_load_metrics
 from spell_core.selfplay.memory import HistoryMemory, MemoryEntry, evidence_ids
 from spell_core.roles import (TASK_TYPES, Status, answered_without_documents, build_grounding_prompt,
                               build_questioner_prompt, build_responder_prompt, build_verifier_prompt, extract_answer,
@@ -125,6 +126,7 @@ class SelfPlay:
         stats = _StepStats()
         questions: list[Question] = []
         rounds = 0
+        expert_load_metrics(self.model)  # an MoE model's expert counts restart: this step's sampling only
         while rounds < opts.max_rounds:
             questions += self._round(rounds, stats)
             rounds += 1
@@ -286,8 +288,8 @@ class SelfPlay:
                                max_new_tokens=max_new_tokens or sampling.max_response_tokens,
                                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                                seed=self.rng.getrandbits(62), progress=progress, **kwargs)
-        samples = [[Sample(list(c.token_ids), list(c.logprobs), c.text, c.finish_reason) for c in out]
-                   for out in outputs]
+        samples = [[Sample(list(c.token_ids), list(c.logprobs), c.text, c.finish_reason, getattr(c, "routing", None))
+                    for c in out] for out in outputs]
         stats.add(stage, time.perf_counter() - start, sum(len(s.token_ids) for out in samples for s in out),
                   sum(len(p) for p in prompts), cpu_seconds=time.process_time() - cpu_start)
         return samples
@@ -317,7 +319,8 @@ class SelfPlay:
         for q in sorted(chosen, key=lambda q: order[q.id]):
             trajectories.append(Trajectory("questioner", q.prompt_ids, q.sample.token_ids, q.sample.logprobs,
                                            advantages[q.id], q.reward, f"q:{q.id}",
-                                           {"task_type": q.task_type, "cluster": q.cluster_id, "status": str(q.status)}))
+                                           {"task_type": q.task_type, "cluster": q.cluster_id, "status": str(q.status)},
+                                           q.sample.routing))
         # responder and verifier: GRPO within each group
         groups = [(f"resp:{q.id}", "responder", q.responder.prompt_ids, q.responder.samples, q.responder.rewards,
                    q.task_type, q.cluster_id) for q in kept]
@@ -331,7 +334,7 @@ class SelfPlay:
             for name, role, prompt, samples, rs, task_type, cluster_id in groups:
                 for s, r in zip(samples, rs):
                     trajectories.append(Trajectory(role, prompt, s.token_ids, s.logprobs, next(adv), r, name,
-                                                   {"task_type": task_type, "cluster": cluster_id}))
+                                                   {"task_type": task_type, "cluster": cluster_id}, s.routing))
         selection = {"kept": kept, "positives": positives, "negatives": negatives, "candidates": candidates,
                      "verifiers": verifiers}
         return trajectories, selection
@@ -373,6 +376,7 @@ class SelfPlay:
             "memory_entries": len(self.memory),
             "prompts_too_long": stats.too_long,
             "nothing_trainable": not trajectories,
+            **expert_load_metrics(self.model),  # MoE: the sampler's expert load (prompts and generated tokens)
         }
         for stage in STAGES:
             metrics[f"tokens_generated_{stage}"] = stats.generated.get(stage, 0)

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from spell_core.models.routed_tokens import RoutedTokens
 from spell_core.roles import Status, Task
 from spell_core.roles.rewards import verifier_agreement
 
 
 @dataclass
 class Sample:
-    """One generated response (the sampler's token ids and log-probs)."""
+    """One generated response (the sampler's token ids and log-probs; an MoE model's expert ids)."""
     token_ids: list[int]
     logprobs: list[float]
     text: str
     finish_reason: str = "stop"
+    routing: RoutedTokens | None = field(default=None, compare=False)
 
 
 @dataclass

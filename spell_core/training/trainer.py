@@ -31,6 +31,12 @@ the model's weights are then the rounded master weights (spell_core/training/mas
 this layout, and what it costs); updates far below half a bf16 ulp add up instead of rounding away.
 Under FSDP2 the same holds through MixedPrecisionPolicy: fp32 shards, bf16 gathered for compute.
 
+Routing replay (mixture-of-experts models, `TrainerOptions.routing_replay`, on by default): every
+MoE layer uses the experts the sampler chose for each token (`Trajectory.routing`, packed beside
+the tokens, spell_core/models/routed_tokens.py) while its gate weights come from the live router,
+so the log-probs are the sampler's function of the weights and the router keeps learning. A
+trajectory without a record, or whose record does not fit its tokens, is an error.
+
 Many ranks (`Trainer(model, options, topology)`, see spell_core/distributed/process_groups.py): the model is
 sharded with FSDP2 over the world, `global_count` is summed over the data-parallel ranks, and
 with cp > 1 every micro-batch is split zigzag across the context-parallel group, a shared
@@ -54,6 +60,8 @@ from spell_core.selfplay.batch import ROLES, Trajectory
 from spell_core.distributed.process_groups import all_reduce_sum
 from spell_core.training.master_weights import MasterWeights
 from spell_core.training.offload import OFFLOAD_LEVELS, offload_while_sampling
+from spell_core.models.routed_tokens import RoutedTokens, RoutingRecordError, as_replay, expert_load_metrics, \
+    moe_layers, packed_rows
 from spell_core.models.model import CausalLM, VarlenCausalAttention
 from spell_core.distributed.sharded_training import forward_backward, shard_model
 from spell_kernels.shared_prefix import SharedPrefixAttention, SharedPrefixLayout
@@ -80,6 +88,9 @@ class TrainerOptions:
     gradient_checkpointing: bool = False
     use_sampler_logprobs: bool = True  # False: old log-probs = current ones (ratio exactly 1)
     shared_prefix: bool = True  # False: every trajectory its own [prompt + resp] (the slow baseline)
+    # --[no-]routing-replay: MoE layers use the sampler's expert ids (Trajectory.routing); None: on for an
+    # MoE model (dense models have nothing to replay)
+    routing_replay: bool | None = None
     entropy: bool = False  # also report the mean entropy of the trained tokens
     bf16_autocast: bool | None = None  # run the decoder under bf16 autocast; None: on CUDA only
     # roll back an update that leaves a weight NaN/Inf (spell_core/common/guards.py); stop after this many in a row
@@ -119,6 +130,7 @@ class MicroBatch:
     advantages: torch.Tensor  # (N,)
     resp_cu_seqlens: torch.Tensor  # (B+1,) int32: each trajectory's rows among the N
     trajectories: list[int]  # indices into the step's trajectory list, in row order
+    routing: torch.Tensor | None = None  # (T, L, k) the sampler's expert ids of input_ids (routing replay)
 
     @property
     def has_groups(self) -> bool:
@@ -157,7 +169,7 @@ def _units(trajectories: list[Trajectory], shared_prefix: bool, budget: int) -> 
     return units
 
 
-def _build(units: list[_Unit], trajectories: list[Trajectory], device) -> MicroBatch:
+def _build(units: list[_Unit], trajectories: list[Trajectory], device, routing: tuple | None = None) -> MicroBatch:
     ids: list[int] = []
     lengths: list[int] = []
     parents: list[int] = []
@@ -190,6 +202,9 @@ def _build(units: list[_Unit], trajectories: list[Trajectory], device) -> MicroB
             order.append(i)
     resp_lengths = [len(trajectories[i].response_ids) for i in order]
     resp_cu = spell_kernels.cu_seqlens_from_lengths(torch.tensor(resp_lengths, dtype=torch.long))
+    rows = None
+    if routing is not None:
+        rows = torch.cat([r for u in units for r in _unit_routing(u, trajectories, *routing)]).to(device)
     advantages = torch.tensor([float(trajectories[i].advantage) for i in order], dtype=torch.float64)
     return MicroBatch(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device),
@@ -202,19 +217,40 @@ def _build(units: list[_Unit], trajectories: list[Trajectory], device) -> MicroB
         advantages=spell_kernels.broadcast_to_tokens(advantages, resp_cu).to(device),
         resp_cu_seqlens=resp_cu.to(device),
         trajectories=order,
+        routing=rows,
     )
 
 
+def _unit_routing(unit: _Unit, trajectories: list[Trajectory], layers: tuple[int, ...], k: int) -> list:
+    """The expert-id rows of one unit in its packed order; the prompt's come from its first member."""
+    records = []
+    for i in unit.members:
+        t = trajectories[i]
+        what = f"trajectory {i} ({t.role}, group {t.group!r})"
+        if not isinstance(t.routing, RoutedTokens):
+            raise RoutingRecordError(
+                f"{what} has no expert record: the model is a mixture of experts and routing replay is on, so "
+                "every trajectory needs the experts its sampler chose (spell_core.sampling.sampler.generate "
+                "returns them as Completion.routing); sample again, or train without replay "
+                "(--no-routing-replay, TrainerOptions.routing_replay=False)")
+        t.routing.check(len(t.prompt_ids), len(t.response_ids), layers, k, what)
+        records.append(t.routing)
+    return packed_rows(records[0].prompt, [r.response for r in records],
+                       [len(trajectories[i].response_ids) for i in unit.members])
+
+
 def plan_micro_batches(trajectories: list[Trajectory], micro_batch_tokens: int, shared_prefix: bool = True,
-                       device=None, quadratic_weight: float | None = None) -> list[MicroBatch]:
+                       device=None, quadratic_weight: float | None = None,
+                       routing: tuple[tuple[int, ...], int] | None = None) -> list[MicroBatch]:
     """Pack the trajectories that have response tokens into balanced micro-batches of at most
-    `micro_batch_tokens` packed tokens (see the module docstring)."""
+    `micro_batch_tokens` packed tokens (see the module docstring). routing: (MoE layers,
+    experts per token) to pack the trajectories' expert records beside their tokens (replay)."""
     if not micro_batch_tokens >= 1:
         raise ValueError(f"micro_batch_tokens must be a positive number of tokens, got {micro_batch_tokens}")
     units = _units(trajectories, shared_prefix, micro_batch_tokens)
     kwargs = {} if quadratic_weight is None else {"quadratic_weight": quadratic_weight}
     bins = spell_kernels.partition_by_token_budget([u.num_tokens for u in units], micro_batch_tokens, **kwargs)
-    return [_build([units[j] for j in b], trajectories, device) for b in bins if b]
+    return [_build([units[j] for j in b], trajectories, device, routing) for b in bins if b]
 
 
 # --- the optimizer step -------------------------------------------------------------------------
@@ -251,6 +287,10 @@ class Trainer:
         if not options.temperature > 0:
             raise ValueError(f"temperature must be > 0 (the sampling temperature), got {options.temperature}")
         model.gradient_checkpointing = options.gradient_checkpointing
+        self.moe_layers = moe_layers(model.config)
+        # (MoE layers, experts per token) when the sampler's expert ids are replayed; None: live routing
+        self.replay = ((self.moe_layers, model.config.num_experts_per_tok)
+                       if self.moe_layers and options.routing_replay is not False else None)
         model_params = [p for p in model.parameters() if p.requires_grad]
         if not model_params:
             raise ValueError("the model has no trainable parameters (requires_grad is False everywhere)")
@@ -288,7 +328,9 @@ class Trainer:
         if self.topology is not None:
             self.topology.mark("train step")
         self._zero_grad()
+        expert_load_metrics(self.model)  # from here on, the counts are this step's forwards'
         metrics = self.accumulate_gradients(trajectories)
+        metrics.update(expert_load_metrics(self.model))
         self.master.take_gradients()
         if not metrics["skipped"]:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
@@ -322,7 +364,7 @@ class Trainer:
         opts = self.options
         # under context parallelism a micro-batch is split over cp ranks
         micro_batches = plan_micro_batches(trajectories, opts.micro_batch_tokens * self._cp, opts.shared_prefix,
-                                           self.device, self.quadratic_weight)
+                                           self.device, self.quadratic_weight, self.replay)
         self._check_token_ids(trajectories, micro_batches)
         metrics = _count_metrics(trajectories, micro_batches)
         self._released_weights = None
@@ -377,7 +419,11 @@ class Trainer:
         """A micro-batch with an exactly zero gradient (advantage 0), for a rank with fewer
         micro-batches than the busiest one (sharded_training.forward_backward)."""
         ghost = Trajectory("questioner", [0], [0], [0.0], 0.0)
-        return plan_micro_batches([ghost], 1 << 30, False, self.device)[0]
+        if self.replay is not None:
+            layers, k = self.replay
+            ghost.routing = RoutedTokens(torch.arange(k, dtype=torch.uint8).expand(1, len(layers), k),
+                                         torch.zeros((0, len(layers), k), dtype=torch.uint8))
+        return plan_micro_batches([ghost], 1 << 30, False, self.device, routing=self.replay)[0]
 
     def _micro_batch_loss(self, mb: MicroBatch, global_count: int):
         """(loss, stats) of one micro-batch, before backward."""
@@ -389,9 +435,10 @@ class Trainer:
         else:
             attn = VarlenCausalAttention(mb.layout.cu_seqlens, mb.layout.max_seqlen)
         context = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+        replay = {} if mb.routing is None else {"routing": as_replay(mb.routing, self.moe_layers)}
         with context:
             hidden = self.model.forward_hidden(mb.input_ids, mb.layout.cu_seqlens, mb.layout.position_ids,
-                                               attn=attn)
+                                               attn=attn, **replay)
         weight = self.model.lm_head_weight
         advantages, agg = mb.advantages, opts.agg
         if opts.agg == "released":

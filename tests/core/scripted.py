@@ -80,7 +80,8 @@ def role_of(prompt_text: str) -> str:
 def scripted_generate(script, *, real_logprobs: bool = False, calls: list | None = None):
     """A drop-in for spell_core.sampling.sampler.generate that returns the script's texts, tokenized,
     ending with the chat template's end-of-turn token. Log-probs: the model's own at the
-    sampling temperature (real_logprobs=True, what the sampler reports) or -0.5 per token.
+    sampling temperature (real_logprobs=True, what the sampler reports; an MoE model's
+    completions then also carry their expert ids, as the sampler's do) or -0.5 per token.
     Every call is appended to `calls` as (role, prompts, n, max_new_tokens)."""
 
     def generate(model, tokenizer, prompts, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
@@ -112,7 +113,12 @@ def scripted_generate(script, *, real_logprobs: bool = False, calls: list | None
 @torch.no_grad()
 def _fill_logprobs(model, prompts, results, temperature):
     """The model's log-probs of every response token at the sampling temperature, from one
-    packed forward pass (only the rows that predict response tokens go through the head)."""
+    packed forward pass (only the rows that predict response tokens go through the head); an
+    MoE model's expert ids of the forwarded tokens (all but each response's last) as routing."""
+    from spell_core.models.moe import expert_id_dtype
+    from spell_core.models.routed_tokens import RoutedTokens, moe_layers, stack_record
+    from spell_core.models.routing import Routing
+
     sequences = [(list(p), c) for p, out in zip(prompts, results) for c in out]
     ids = torch.tensor([t for p, c in sequences for t in p + c.token_ids])
     lengths = torch.tensor([len(p) + len(c.token_ids) for p, c in sequences])
@@ -122,7 +128,14 @@ def _fill_logprobs(model, prompts, results, temperature):
     for (p, c), start in zip(sequences, cu[:-1].tolist()):
         rows += range(start + len(p) - 1, start + len(p) - 1 + len(c.token_ids))
         targets += c.token_ids
-    hidden = model.forward_hidden(ids, cu)[torch.tensor(rows)]
+    layers = moe_layers(model.config)
+    record = {"routing": Routing("record")} if layers else {}
+    hidden = model.forward_hidden(ids, cu, **record)[torch.tensor(rows)]
+    if layers:
+        experts = stack_record(record["routing"], layers, expert_id_dtype(model.config.num_experts))
+        for (p, c), start in zip(sequences, cu[:-1].tolist()):
+            c.routing = RoutedTokens(experts[start:start + len(p)].clone(),
+                                     experts[start + len(p):start + len(p) + len(c.token_ids) - 1].clone())
     logp = torch.log_softmax((hidden @ model.lm_head_weight.T).float() / temperature, dim=-1)
     values = logp.gather(1, torch.tensor(targets)[:, None])[:, 0].tolist()
     for _, c in sequences:
