@@ -6,11 +6,14 @@ tokens it forwards; the resident set after every step and the process's peak.
 
 The step is spell_core.run's own (argument parsing, CPU defaults, thread choice, model, clusters,
 SelfPlay, Trainer); nothing is checkpointed. CPU seconds are this process's (all threads), so
-they stay comparable on a machine other jobs share, where wall seconds do not. Run it twice, on
+they are less sensitive than wall seconds to other jobs on the machine; but with 2+ threads on
+an overloaded machine OpenMP's spinning threads inflate them too (a 135M decode step measured
+3.9 CPU-s at load 15): compare runs on an idle machine, or with --threads 1. Run it twice, on
 the same seed, to compare before and after a change; `--json` appends one line per step.
 """
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -19,6 +22,7 @@ import torch
 
 from spell_core import run
 from spell_core.cli.monitor import summary_line
+from spell_core.common.host_memory import return_freed_memory
 from spell_core.distributed.process_groups import Topology
 from spell_core.sampling import sampler
 from spell_core.selfplay.data_parallel import self_play_for_rank
@@ -99,9 +103,13 @@ class UpdateClock:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", help="append one JSON line per step to this file")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="leave glibc's malloc thresholds as they are (the run sets them on a CPU: the before)")
     known, rest = parser.parse_known_args()
     config, args = run.config_from_args([*rest, "--no-progress"])
     train_options = run.trainer_options(config, args)
+    if not str(config.model.device).startswith("cuda") and not known.glibc_defaults:
+        return_freed_memory()  # as spell_core.run does on a CPU
     torch.manual_seed(config.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,12 +142,12 @@ def main():
               f"{update.forward_cpu_s:.1f}), backward + optimizer {update_s - update.forward_s:.1f} s (cpu "
               f"{update_cpu_s - update.forward_cpu_s:.1f})")
         print(f"step {number}: {sampled + update_s:.1f} s (cpu {sampled_cpu + update_cpu_s:.1f}); rss now "
-              f"{rss_gb():.2f} GB, peak {peak_rss_gb():.2f} GB", flush=True)
+              f"{rss_gb():.2f} GB, peak {peak_rss_gb():.2f} GB; load average {os.getloadavg()[0]:.1f}", flush=True)
         if known.json:
             record = {"step": number, "sampling": clock.rows, "update_tokens": update.tokens,
                       "update_forward_s": update.forward_s, "update_forward_cpu_s": update.forward_cpu_s,
                       "update_s": update_s, "update_cpu_s": update_cpu_s, "sampling_s": sampled,
-                      "sampling_cpu_s": sampled_cpu, "rss_gb": rss_gb(), "peak_rss_gb": peak_rss_gb(),
+                      "sampling_cpu_s": sampled_cpu, "rss_gb": rss_gb(), "peak_rss_gb": peak_rss_gb(), "load_average": os.getloadavg()[0],
                       "train_skipped": bool(train.get("skipped")),
                       **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, bool))}}
             with open(known.json, "a") as f:
