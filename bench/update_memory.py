@@ -6,6 +6,7 @@ a run), and the sampler's KV cache of a step's size allocated and freed between 
 
     python bench/update_memory.py --updates 3 [any spell_core.run option]
     MALLOC_MMAP_THRESHOLD_=1048576 python bench/update_memory.py ...   # glibc told by env instead
+    python bench/update_memory.py --trim ...   # malloc_trim(0) after every update
 
 Prints, per update: live tensor bytes that stay (weights, gradients, AdamW state), the resident
 set after it, and the process's peak; and the CPU seconds of the update.
@@ -19,6 +20,7 @@ import time
 import torch
 
 from spell_core import run
+from spell_core.common.host_memory import trim_freed_memory
 from spell_core.distributed.process_groups import Topology
 from spell_core.selfplay.batch import Trajectory
 from spell_core.training.trainer import Trainer
@@ -54,6 +56,7 @@ def step_trajectories(rng: random.Random, vocab: int, ctx: int, new_tokens: int,
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--updates", type=int, default=3)
+    parser.add_argument("--trim", action="store_true", help="malloc_trim(0) after every update (glibc)")
     known, rest = parser.parse_known_args()
     config, args = run.config_from_args([*rest, "--no-progress"])
     options = run.trainer_options(config, args)
@@ -74,6 +77,8 @@ def main():
                                          config.sampling.max_response_tokens, config.sampling.group_size)
         cpu, wall = time.process_time(), time.perf_counter()
         metrics = trainer.train_step(trajectories)
+        if known.trim:
+            trim_freed_memory()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         state = sum(t.numel() * t.element_size() for s in trainer.optimizer.state.values()
                     for t in s.values() if torch.is_tensor(t))
