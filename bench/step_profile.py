@@ -103,13 +103,11 @@ class UpdateClock:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", help="append one JSON line per step to this file")
-    parser.add_argument("--glibc-defaults", action="store_true",
-                        help="leave glibc's malloc thresholds as they are (the run sets them on a CPU: the before)")
     known, rest = parser.parse_known_args()
     config, args = run.config_from_args([*rest, "--no-progress"])
     train_options = run.trainer_options(config, args)
-    if not str(config.model.device).startswith("cuda") and not known.glibc_defaults:
-        return_freed_memory()  # as spell_core.run does on a CPU
+    if args.return_freed_memory and not str(config.model.device).startswith("cuda"):
+        return_freed_memory()  # as spell_core.run does
     torch.manual_seed(config.seed)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -81,9 +81,9 @@ def _run(config: RunConfig, args, train_options, budget: int) -> int:
     import torch
 
     torch.manual_seed(config.seed)
-    if not str(config.model.device).startswith("cuda"):
+    if args.return_freed_memory and not str(config.model.device).startswith("cuda"):
         from spell_core.common.host_memory import return_freed_memory
-        return_freed_memory()  # the resident set follows the live tensors (glibc keeps freed blocks otherwise)
+        return_freed_memory()
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

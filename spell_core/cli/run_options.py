@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep a host copy of the weights and optimizer state before each optimizer step, to "
                              "roll back a step that leaves NaN/Inf weights (default: on a GPU; off on a CPU, where "
                              "the copy costs 3x the weights in memory and a NaN/Inf step stops the run unsaved)")
+    parser.add_argument("--return-freed-memory", action=argparse.BooleanOptionalAction, default=False,
+                        help="CPU runs: let glibc give every freed block of 1 MiB or more back to the system, so the "
+                             "resident set follows the live tensors (peak about a quarter lower, about a fifth more "
+                             "CPU time in page faults; bench/results/loop.md); default off")
     parser.add_argument("--offload-while-sampling", choices=("auto", "on", "off"), default="auto",
                         help="move AdamW's moments and the fp32 weights (what the sampler does not read) to host "
                              "memory while the sampler runs, back before each update; the weights and optimizer "
