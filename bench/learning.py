@@ -8,7 +8,9 @@
    scored the same way before and after): greedy (n = 1, temperature 0) and sampled (n =
    `--eval-n`, temperature `--eval-temperature`), with `python -m spell_core.eval`;
 2. runs K steps of `python -m spell_core.run` with `--eval-data` validation on the held-out set
-   every `--eval-every` steps (its pass@k lands in the run's metrics.jsonl);
+   (or `--val-items` of it) at step 0 and every `--val-every` steps, `--val-n` samples each, its
+   pass@k in the run's metrics.jsonl; validation answers are as long as the run's responses
+   (`--max-new-tokens`), so its curve and the before/after numbers are two protocols;
 3. evaluates the final checkpoint the same way, and compares each pair with
    `python -m spell_core.eval --compare` (paired bootstrap 95 % interval);
 4. prints the final checkpoint's path; `bench/learning_report.py OUT` then draws the curves and
@@ -259,8 +261,9 @@ def _main(args) -> int:
     data_folder = out / "data"
     files = [("heldout", args.heldout)] + [(Path(p).stem, p) for p in args.eval_data]
     names = [name for name, _ in files]
-    if len(set(names)) != len(names):
-        raise LearningError(f"two evaluation files share a name ({', '.join(names)}): rename one")
+    if len(set(names)) != len(names) or "validation" in names:
+        raise LearningError(f"evaluation files need distinct names other than 'validation' ({', '.join(names)}): "
+                            "rename one")
     if args.dry_run:
         data = {name: Path(path) for name, path in files}
         validation = Path(args.heldout)
@@ -285,6 +288,7 @@ def _main(args) -> int:
               "plan_minutes": plan, "commands": []}
     commands = record["commands"]
     began = time.perf_counter()
+    save_record(out, record)  # rewritten after each phase: a failed experiment still says what ran
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
 
@@ -302,6 +306,7 @@ def _main(args) -> int:
                   f"fit --budget-minutes {args.budget_minutes:g}: running {fit}", file=sys.stderr, flush=True)
             steps = fit
     record["steps"] = steps
+    save_record(out, record)
     run_folder = out / "run"
     final = None
     if steps:
@@ -311,13 +316,18 @@ def _main(args) -> int:
         final = find_latest(run_folder)
     model_after = str(final) if final is not None else args.model
     record["final_checkpoint"] = str(final) if final is not None else None
+    save_record(out, record)
     evaluate_all(args, data, model_after, out / "eval", "after", logs, commands)
     record["comparisons"] = compare_all(args, data, out, logs, commands)
     record["minutes"] = round((time.perf_counter() - began) / 60, 2)
-    (out / "learning.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    save_record(out, record)
     print(f"\nfinal checkpoint: {final if final is not None else '(no step ran: the starting model)'}")
     print(f"experiment folder: {out} ({record['minutes']:.1f} min); report: python bench/learning_report.py {out}")
     return 0
+
+
+def save_record(out: Path, record: dict) -> None:
+    (out / "learning.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
 
 
 def plan_eval_half(args, eval_questions: int, seconds_per_sample: float) -> float:
