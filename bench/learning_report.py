@@ -134,7 +134,7 @@ def health_table(runs: list[tuple[str, Path]]) -> str:
             trajectories = "/".join(str(m.get(f"trajectories_{role}", 0)) for role in ROLES)
             lines.append(f"| {name} | {lr} | {m['step']} | {_share(h['bad_format'])} | {_share(h['responder_parsed'])} "
                          f"| {_share(h['verifier_verdict'])} | {h['tokens_generated']:,} | {rewards} | {trajectories} "
-                         f"| {_number(m.get('eval_all_pass@1'))} |")
+                         f"| {_share(m.get('eval_all_pass@1'))} |")
     return "\n".join(lines)
 
 
@@ -143,7 +143,7 @@ def _number(value) -> str:
 
 
 def _share(value) -> str:
-    return "-" if value != value else f"{value:.2f}"
+    return "-" if value is None or value != value else f"{value:.2f}"
 
 
 # --- the curves ----------------------------------------------------------------------------
@@ -154,6 +154,7 @@ def plot_curves(folder: Path, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     from spell_core.cli.metrics_plot import has_eval, plot_eval_panel
@@ -186,6 +187,8 @@ def plot_curves(folder: Path, path: Path) -> None:
         plot_eval_panel(axes[3], history)
     axes[3].set_ylabel("held-out pass@k\n(validation)")
     axes[3].set_xlabel("step")
+    axes[3].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[1].set_ylim(0, 1.05)
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

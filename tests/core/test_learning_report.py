@@ -62,7 +62,7 @@ def test_format_health_per_step_by_hand(experiment):
     rows = [line for line in table.splitlines() if line.startswith("| exp ")]
     assert len(rows) == 2  # the step-0 validation line is not a training step
     # step 1: bad_format 1/4; 3 of 4 answers parsed; judged a, b, c: majorities YES, unparsable, NO -> 2/3
-    assert rows[0] == ("| exp | 5e-06 | 1 | 0.25 | 0.75 | 0.67 | 4,700 | +0.50 | -0.25 | +1.00 | 3/2/1 | +0.50 |")
+    assert rows[0] == ("| exp | 5e-06 | 1 | 0.25 | 0.75 | 0.67 | 4,700 | +0.50 | -0.25 | +1.00 | 3/2/1 | 0.50 |")
     assert rows[1] == ("| exp | 5e-06 | 2 | 0.00 | 1.00 | 1.00 | 650 | - | +0.00 | - | 0/0/0 | - |")
 
 
