@@ -64,8 +64,15 @@ def test_multiple_choice_right_sentence_is_in_the_document_and_the_distractors_a
         for i, option in enumerate(item["options"]):
             assert (option in flat) == (i == right), (item["id"], i)
             assert option not in item["question"]
-    letters = Counter(i["answer"] for i in mcs)
+    assert set(i["answer"] for i in mcs) == set("ABCD")
+
+
+def test_right_letters_are_balanced_before_the_grounding_check_removes_lucky_guesses(count_tokens, tmp_path):
+    every = build.build(count_tokens, grounding=tmp_path / "no-grounding.json")
+    letters = Counter(i["answer"] for i in every if i["type"] == "doc_mc")
     assert set(letters) == set("ABCD") and max(letters.values()) - min(letters.values()) <= 2
+    left_out = json.loads(build.GROUNDING_FILE.read_text())["answered"]
+    assert len(every) - len(left_out) == len(SHIPPED.read_text().splitlines())
 
 
 def test_documents_are_1k_to_3k_tokens_of_the_default_model(items, count_tokens):
