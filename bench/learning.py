@@ -27,9 +27,9 @@ The folder OUT holds everything:
 An OUT that holds files is never overwritten: --overwrite moves it aside whole first
 (OUT.replaced-DATE-TIME), the engine's rule for run folders.
 
-`--budget-minutes M` estimates the whole experiment before starting (evaluation seconds per
-sample and minutes per step: the defaults below, measured on the 2-core machine, or the
-`--eval-seconds-per-sample` / `--step-minutes` you give) and refuses a plan that does not fit,
+`--budget-minutes M` estimates the whole experiment before starting (seconds per evaluation
+question and minutes per step: the defaults below, measured on the 2-core machine, or the
+`--eval-seconds-per-question` / `--step-minutes` you give) and refuses a plan that does not fit,
 naming the largest K that does; after the first evaluation it re-estimates with the measured
 speed and lowers K to fit (said loudly) rather than overrun.
 """
@@ -45,11 +45,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_HELDOUT = HERE / "heldout" / "wonderland.jsonl"
-# Rough costs on the idle 2-core machine for the default model, used only to plan a run before
-# anything has been measured: one evaluation sample (a ~1.6k-token document read and an answer
-# of up to --eval-max-new-tokens tokens, batched), and one self-play step at the CPU defaults
-# (8 questions, G = 4: 497 s, bench/results/loop.md), scaled linearly with --questions.
-EVAL_SECONDS_PER_SAMPLE = 6.0
+# Costs of the default model on the 2-core machine, to plan a run before anything is measured.
+# An evaluation question is prefill-bound: its ~1.6k-token document is read at ~25 tokens/s
+# (measured: 8 held-out questions greedy in 557 s with 2 threads at load ~3, 2026-12-07; the n
+# samples of a question share that prefill, so the cost is per question, not per sample). A
+# self-play step at the CPU defaults (8 questions, G = 4): 497 s (bench/results/loop.md), scaled
+# linearly with --questions.
+EVAL_SECONDS_PER_QUESTION = 70.0
 STEP_MINUTES = 8.3
 STEP_QUESTIONS = 8
 
@@ -98,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one more argument for spell_core.run, e.g. --run-arg=--ctx=1024 (repeatable)")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="refuse a plan estimated to take longer; lower K after the first evaluation if needed")
-    p.add_argument("--eval-seconds-per-sample", type=float, default=EVAL_SECONDS_PER_SAMPLE,
-                   help=f"planning guess before measuring (default: {EVAL_SECONDS_PER_SAMPLE})")
+    p.add_argument("--eval-seconds-per-question", type=float, default=EVAL_SECONDS_PER_QUESTION,
+                   help=f"planning cost of one question in one evaluation (default: {EVAL_SECONDS_PER_QUESTION})")
     p.add_argument("--step-minutes", type=float, default=STEP_MINUTES,
                    help=f"planning guess per step at {STEP_QUESTIONS} questions (default: {STEP_MINUTES})")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
@@ -194,19 +196,18 @@ def run_command(args, folder: Path, steps: int, validation: Path) -> list[str]:
     return command + list(args.run_arg)
 
 
-def estimate_minutes(args, eval_questions: int, val_questions: int, steps: int, seconds_per_sample: float) -> dict:
-    samples = eval_questions * sum(int(a[1]) for _, a in eval_modes(args))
-    evaluation = 2 * samples * seconds_per_sample / 60
-    validations = (steps // args.val_every + 1) * val_questions * args.val_n * seconds_per_sample / 60
+def estimate_minutes(args, eval_questions: int, val_questions: int, steps: int, seconds_per_question: float) -> dict:
+    evaluation = 2 * eval_questions * len(eval_modes(args)) * seconds_per_question / 60
+    validations = (steps // args.val_every + 1) * val_questions * seconds_per_question / 60
     training = steps * args.step_minutes * (args.questions or STEP_QUESTIONS) / STEP_QUESTIONS
     return {"evaluations": evaluation, "validations": validations, "steps": training,
             "total": evaluation + validations + training}
 
 
-def steps_that_fit(args, eval_questions: int, val_questions: int, seconds_per_sample: float, budget: float,
+def steps_that_fit(args, eval_questions: int, val_questions: int, seconds_per_question: float, budget: float,
                    spent: float = 0.0) -> int:
     steps = 0
-    while estimate_minutes(args, eval_questions, val_questions, steps + 1, seconds_per_sample)["total"] + spent \
+    while estimate_minutes(args, eval_questions, val_questions, steps + 1, seconds_per_question)["total"] + spent \
             <= budget and steps < 10_000:
         steps += 1
     return steps
@@ -273,13 +274,13 @@ def _main(args) -> int:
         validation = prepare_data(args.heldout, val_items, data_folder, "validation")
     eval_questions = sum(count_questions(p) for p in data.values())
     val_questions = count_questions(validation)
-    plan = estimate_minutes(args, eval_questions, val_questions, args.steps, args.eval_seconds_per_sample)
+    plan = estimate_minutes(args, eval_questions, val_questions, args.steps, args.eval_seconds_per_question)
     print(f"plan: {eval_questions} evaluation questions x {len(eval_modes(args))} modes, before and after; "
           f"{args.steps} steps with {val_questions} validation questions every {args.val_every}; estimated "
           f"{plan['total']:.0f} min ({plan['evaluations']:.0f} evaluation, {plan['validations']:.0f} validation, "
           f"{plan['steps']:.0f} steps)")
     if args.budget_minutes is not None and plan["total"] > args.budget_minutes:
-        fit = steps_that_fit(args, eval_questions, val_questions, args.eval_seconds_per_sample, args.budget_minutes)
+        fit = steps_that_fit(args, eval_questions, val_questions, args.eval_seconds_per_question, args.budget_minutes)
         raise LearningError(f"the plan needs ~{plan['total']:.0f} min, over --budget-minutes {args.budget_minutes:g}; "
                             f"--steps {fit} fits (or fewer --eval-items, a larger --val-every)")
     if args.dry_run:
@@ -293,16 +294,15 @@ def _main(args) -> int:
     logs.mkdir(exist_ok=True)
 
     eval_seconds = evaluate_all(args, data, args.model, out / "eval", "before", logs, commands)
-    samples = eval_questions * sum(int(a[1]) for _, a in eval_modes(args))
-    measured = eval_seconds / max(samples, 1)
-    record["eval_seconds_per_sample"] = round(measured, 2)
+    measured = eval_seconds / max(eval_questions * len(eval_modes(args)), 1)  # model loads included
+    record["eval_seconds_per_question"] = round(measured, 2)
     steps = args.steps
     if args.budget_minutes is not None:
         spent = (time.perf_counter() - began) / 60
         fit = steps_that_fit(args, eval_questions, val_questions, measured, args.budget_minutes, spent - plan_eval_half(
             args, eval_questions, measured))
         if fit < steps:
-            print(f"learning: WARNING: measured {measured:.1f} s per evaluation sample; only {fit} of {steps} steps "
+            print(f"learning: WARNING: measured {measured:.1f} s per evaluation question; only {fit} of {steps} steps "
                   f"fit --budget-minutes {args.budget_minutes:g}: running {fit}", file=sys.stderr, flush=True)
             steps = fit
     record["steps"] = steps
@@ -330,10 +330,10 @@ def save_record(out: Path, record: dict) -> None:
     (out / "learning.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
 
 
-def plan_eval_half(args, eval_questions: int, seconds_per_sample: float) -> float:
+def plan_eval_half(args, eval_questions: int, seconds_per_question: float) -> float:
     """Minutes of one side (before or after) of the evaluations: the estimate counts both, and
     the 'before' side has been spent already."""
-    return estimate_minutes(args, eval_questions, 0, 0, seconds_per_sample)["evaluations"] / 2
+    return estimate_minutes(args, eval_questions, 0, 0, seconds_per_question)["evaluations"] / 2
 
 
 def evaluate_all(args, data: dict[str, Path], model: str | None, folder: Path, side: str, logs: Path,

@@ -18,17 +18,18 @@ def _args(**kw):
 
 def test_estimate_by_hand_and_the_budget_refuses_naming_the_steps_that_fit(tmp_path, capsys):
     args = _args(steps=10, eval_n=4, val_every=2, val_n=1, questions=None)
-    # 10 questions x (1 greedy + 4 sampled) = 50 samples, twice, 6 s each: 10 min; 6 validations
-    # (steps 0, 2, .., 10) x 10 questions x 6 s: 6 min; 10 steps x 8.3 min: 83 min
-    plan = learning.estimate_minutes(args, 10, 10, 10, 6.0)
-    assert plan == pytest.approx({"evaluations": 10.0, "validations": 6.0, "steps": 83.0, "total": 99.0})
-    # 60 min: 10 + 8.3 k + (k // 2 + 1) <= 60: k = 5 gives 54.5, k = 6 gives 63.8
-    assert learning.steps_that_fit(args, 10, 10, 6.0, 60.0) == 5
+    # 10 questions x 2 modes (greedy, sampled: its 4 samples share a prefill), before and after,
+    # 15 s each: 10 min; 6 validations (steps 0, 2, .., 10) x 10 questions x 15 s: 15 min;
+    # 10 steps x 8.3 min: 83 min
+    plan = learning.estimate_minutes(args, 10, 10, 10, 15.0)
+    assert plan == pytest.approx({"evaluations": 10.0, "validations": 15.0, "steps": 83.0, "total": 108.0})
+    # 60 min: 10 + 8.3 k + 2.5 (k // 2 + 1) <= 60: k = 4 gives 50.7, k = 5 gives 59.0, k = 6 gives 69.8
+    assert learning.steps_that_fit(args, 10, 10, 15.0, 60.0) == 5
     heldout = tmp_path / "h.jsonl"
     heldout.write_text("".join(json.dumps({"id": f"q{i}", "type": "doc_qa", "context": "c", "question": "q",
                                            "answer": "a"}) + "\n" for i in range(10)))
     code = learning.main(["--out", str(tmp_path / "exp"), "--heldout", str(heldout), "--budget-minutes", "60",
-                          "--dry-run"])
+                          "--eval-seconds-per-question", "15", "--dry-run"])
     assert code == 1 and "--steps 5 fits" in capsys.readouterr().err
 
 
