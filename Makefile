@@ -1,13 +1,14 @@
 # make run   — install into .venv and run self-play on the embedded defaults
 # make test  — install into .venv with the test extras and run the whole test suite
 # make bench — run the microbenchmarks (pytest-benchmark) and print the comparison tables
+# make learning ARGS="--out runs/learning ..." — held-out pass@k before/after self-play (bench/learning.py)
 # make lock  — refresh locks/ from the newest releases, then smoke-test them in a fresh venv
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 JOBS ?= 2
 
-.PHONY: run test bench lock clean
+.PHONY: run test bench learning lock clean
 
 $(VENV)/.installed-run: pyproject.toml setup.py kernels/pyproject.toml scripts/install.sh $(wildcard locks/*.txt)
 	scripts/install.sh $(VENV)
@@ -25,6 +26,9 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(PY) -m pytest bench --benchmark-enable --benchmark-columns=min,median,mean,rounds -s $(ARGS)
+
+learning: $(VENV)/.installed-run
+	$(PY) bench/learning.py $(ARGS)
 
 lock:
 	scripts/refresh_lock.sh

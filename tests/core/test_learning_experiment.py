@@ -1,0 +1,84 @@
+"""bench/learning.py: the plan and its budget by hand, the folder rule, and one experiment end to end
+on a tiny random model (evaluate, 1 self-play step with validation, evaluate the checkpoint,
+--compare, the report)."""
+import json
+
+import pytest
+
+from bench import learning, learning_report
+from tests.core.scripted import make_tiny_corpus, make_tiny_model
+
+
+def _args(**kw):
+    args = learning.build_parser().parse_args(["--out", "x"])
+    for key, value in kw.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_estimate_by_hand_and_the_budget_refuses_naming_the_steps_that_fit(tmp_path, capsys):
+    args = _args(steps=10, eval_n=4, val_every=2, val_n=1, questions=None)
+    # 10 questions x 2 modes (greedy, sampled: its 4 samples share a prefill), before and after,
+    # 15 s each: 10 min; 6 validations (steps 0, 2, .., 10) x 10 questions x 15 s: 15 min;
+    # 10 steps x 8.3 min: 83 min
+    plan = learning.estimate_minutes(args, 10, 10, 10, 15.0)
+    assert plan == pytest.approx({"evaluations": 10.0, "validations": 15.0, "steps": 83.0, "total": 108.0})
+    # 60 min: 10 + 8.3 k + 2.5 (k // 2 + 1) <= 60: k = 4 gives 50.7, k = 5 gives 59.0, k = 6 gives 69.8
+    assert learning.steps_that_fit(args, 10, 10, 15.0, 60.0) == 5
+    heldout = tmp_path / "h.jsonl"
+    heldout.write_text("".join(json.dumps({"id": f"q{i}", "type": "doc_qa", "context": "c", "question": "q",
+                                           "answer": "a"}) + "\n" for i in range(10)))
+    code = learning.main(["--out", str(tmp_path / "exp"), "--heldout", str(heldout), "--budget-minutes", "60",
+                          "--eval-seconds-per-question", "15", "--dry-run"])
+    assert code == 1 and "--steps 5 fits" in capsys.readouterr().err
+
+
+def test_balanced_subset_takes_the_types_in_turn():
+    lines = [json.dumps({"id": i, "type": t}) for i, t in enumerate("qqqmmc")]
+    chosen = [json.loads(line)["id"] for line in learning.balanced_subset(lines, 4)]
+    assert chosen == [0, 3, 5, 1]
+
+
+def test_an_earlier_experiment_is_moved_aside_only_with_overwrite(tmp_path):
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "learning.json").write_text("{}")
+    with pytest.raises(learning.LearningError, match="--overwrite"):
+        learning.claim_folder(out, overwrite=False)
+    learning.claim_folder(out, overwrite=True)
+    assert not any(out.iterdir())
+    moved = [p for p in tmp_path.iterdir() if p != out]
+    assert len(moved) == 1 and moved[0].name.startswith("exp.replaced-")
+    assert json.loads((moved[0] / "learning.json").read_text()) == {}
+
+
+@pytest.mark.slow
+def test_one_tiny_experiment_end_to_end(tmp_path, capsys):
+    from spell_core.models.assets import resolve_model
+
+    model = make_tiny_model(tmp_path / "model", resolve_model("smollm2-135m-instruct"))
+    corpus = make_tiny_corpus(tmp_path / "corpus")
+    out = tmp_path / "exp"
+    code = learning.main(["--out", str(out), "--model", str(model), "--eval-items", "3", "--no-sampled",
+                          "--eval-max-new-tokens", "8", "--steps", "1", "--val-every", "1", "--val-items", "2",
+                          "--max-new-tokens", "16", "--questions", "2", "--group-size", "2",
+                          f"--run-arg=--corpus={corpus}", "--run-arg=--device=cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed[-3000:]
+    record = json.loads((out / "learning.json").read_text())
+    final = out / "run" / "checkpoints" / "step-000001"
+    assert record["final_checkpoint"] == str(final) and (final / "config.json").is_file()
+    assert f"final checkpoint: {final}" in printed
+    # the subset: one question of each task type, the same ids before and after
+    subset = [json.loads(line) for line in (out / "data" / "heldout.jsonl").read_text().splitlines()]
+    assert sorted(q["type"] for q in subset) == ["doc_math", "doc_mc", "doc_qa"]
+    for side in ("before", "after"):
+        result = json.loads((out / "eval" / "heldout-greedy" / f"{side}.json").read_text())
+        assert sorted(q["id"] for q in result["questions"]) == sorted(q["id"] for q in subset)
+    assert "95% interval" in (out / "eval" / "heldout-greedy" / "compare.txt").read_text()
+    assert record["comparisons"]["heldout-greedy"]["groups"]["all"]["questions"] == 3
+    # validation at step 0 and after step 1, on the 2-question validation subset
+    history = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in history if "eval_all_pass@1" in m] == [0, 1]
+    text = learning_report.report(out)
+    assert "| heldout | greedy | all | 3 | pass@1 |" in text and (out / "learning.png").is_file()
