@@ -43,7 +43,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from spell_core.cli import arg_types
+
 HERE = Path(__file__).resolve().parent
+POSITIVE, COUNT = arg_types.count(1), arg_types.count(0)
 DEFAULT_HELDOUT = HERE / "heldout" / "wonderland.jsonl"
 # Costs of the default model on the 2-core machine, to plan a run before anything is measured.
 # An evaluation question is prefill-bound: its ~1.6k-token document is read at ~25 tokens/s
@@ -71,26 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the held-out file, also the run's validation data (default: {DEFAULT_HELDOUT})")
     p.add_argument("--eval-data", action="append", default=[], metavar="FILE",
                    help="another benchmark-format file to score before and after (repeatable)")
-    p.add_argument("--eval-items", type=_positive, default=None,
+    p.add_argument("--eval-items", type=POSITIVE, default=None,
                    help="use only this many questions of each evaluation file, taken in turn from each task "
                         "type (JSON Lines files) (default: all)")
-    p.add_argument("--eval-n", type=_positive, default=4, help="samples per question, sampled mode (default: 4)")
+    p.add_argument("--eval-n", type=POSITIVE, default=4, help="samples per question, sampled mode (default: 4)")
     p.add_argument("--eval-temperature", type=float, default=0.7, help="sampled mode temperature (default: 0.7)")
-    p.add_argument("--eval-max-new-tokens", type=_positive, default=512,
+    p.add_argument("--eval-max-new-tokens", type=POSITIVE, default=512,
                    help="answer length of the before/after evaluations (default: 512)")
     p.add_argument("--no-sampled", action="store_true", help="greedy evaluation only (no n-sample pass)")
-    p.add_argument("--steps", type=_count, default=10, help="K: self-play steps (default: 10)")
+    p.add_argument("--steps", type=COUNT, default=10, help="K: self-play steps (default: 10)")
     p.add_argument("--lr", default=None, help="learning rate (default: the engine's, 2e-6)")
-    p.add_argument("--questions", type=_positive, default=None, help="questions per round (default: the engine's CPU "
+    p.add_argument("--questions", type=POSITIVE, default=None, help="questions per round (default: the engine's CPU "
                                                                      "default, 8)")
-    p.add_argument("--group-size", type=_positive, default=None, help="G (default: the engine's CPU default, 4)")
-    p.add_argument("--kept-groups", type=_positive, default=None, help="N kept groups (default: the engine's)")
-    p.add_argument("--max-new-tokens", type=_positive, default=None, help="the run's response length (default: "
+    p.add_argument("--group-size", type=POSITIVE, default=None, help="G (default: the engine's CPU default, 4)")
+    p.add_argument("--kept-groups", type=POSITIVE, default=None, help="N kept groups (default: the engine's)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=None, help="the run's response length (default: "
                                                                           "the engine's CPU default, 160)")
-    p.add_argument("--val-every", type=_positive, default=2, help="steps between validations during the run "
+    p.add_argument("--val-every", type=POSITIVE, default=2, help="steps between validations during the run "
                                                                   "(default: 2)")
-    p.add_argument("--val-n", type=_positive, default=1, help="samples per question in validation (default: 1)")
-    p.add_argument("--val-items", type=_positive, default=None,
+    p.add_argument("--val-n", type=POSITIVE, default=1, help="samples per question in validation (default: 1)")
+    p.add_argument("--val-items", type=POSITIVE, default=None,
                    help="validation questions (a subset of the held-out file, as --eval-items) (default: those "
                         "of the evaluation)")
     p.add_argument("--seed", type=int, default=3, help="seed of the run and the evaluations (default: 3)")
@@ -106,23 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"planning guess per step at {STEP_QUESTIONS} questions (default: {STEP_MINUTES})")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
     return p
-
-
-def _positive(text: str) -> int:
-    value = _count(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must not be negative")
-    return value
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -159,10 +145,12 @@ def prepare_data(path: str, count: int | None, folder: Path, name: str) -> Path:
     return target
 
 
-def count_questions(path: Path) -> int:
+def count_questions(path: Path, subset: int | None = None) -> int:
+    """Questions in an evaluation file, or in its `subset` (what --dry-run plans without writing it)."""
     from spell_core.evaluation.benchmarks import load_eval_data
 
-    return len(load_eval_data(path))
+    total = len(load_eval_data(path))
+    return total if subset is None else min(total, subset)
 
 
 # --- the plan ------------------------------------------------------------------------------
@@ -272,8 +260,8 @@ def _main(args) -> int:
         data = {name: prepare_data(path, args.eval_items, data_folder, name) for name, path in files}
         val_items = args.val_items or args.eval_items
         validation = prepare_data(args.heldout, val_items, data_folder, "validation")
-    eval_questions = sum(count_questions(p) for p in data.values())
-    val_questions = count_questions(validation)
+    eval_questions = sum(count_questions(p, args.eval_items if args.dry_run else None) for p in data.values())
+    val_questions = count_questions(validation, (args.val_items or args.eval_items) if args.dry_run else None)
     plan = estimate_minutes(args, eval_questions, val_questions, args.steps, args.eval_seconds_per_question)
     print(f"plan: {eval_questions} evaluation questions x {len(eval_modes(args))} modes, before and after; "
           f"{args.steps} steps with {val_questions} validation questions every {args.val_every}; estimated "

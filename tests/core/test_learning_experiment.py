@@ -31,6 +31,11 @@ def test_estimate_by_hand_and_the_budget_refuses_naming_the_steps_that_fit(tmp_p
     code = learning.main(["--out", str(tmp_path / "exp"), "--heldout", str(heldout), "--budget-minutes", "60",
                           "--eval-seconds-per-question", "15", "--dry-run"])
     assert code == 1 and "--steps 5 fits" in capsys.readouterr().err
+    # a subset is planned at its size: 4 questions x 2 modes x 2 x 15 s = 4 min; 2 validation questions
+    # x 6 validations x 15 s = 3 min; 10 x 8.3 = 83 min
+    code = learning.main(["--out", str(tmp_path / "exp"), "--heldout", str(heldout), "--eval-items", "4",
+                          "--val-items", "2", "--eval-seconds-per-question", "15", "--dry-run"])
+    assert code == 0 and "estimated 90 min (4 evaluation, 3 validation, 83 steps)" in capsys.readouterr().out
 
 
 def test_balanced_subset_takes_the_types_in_turn():
