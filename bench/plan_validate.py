@@ -135,20 +135,12 @@ def _live_bytes_left(prof) -> int:
     return events[-1][1] - (events[0][1] - events[0][2])
 
 
-def run_moe_case(tokens, hidden, inter, experts, k, dtype):
-    """Measured: live bytes left by the forward less its output (profiler), the storages of the
-    saved tensors (hooks), the weight gradients' bytes after backward; and the planner's terms."""
+def saved_storage_bytes(forward, inputs):
+    """(output, bytes): run `forward()` and count every distinct storage its saved tensors hold
+    for backward (saved_tensors_hooks), the `inputs` (the input and the weights) left out."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
-    from spell_core.plan import Shape
-
-    torch.manual_seed(0)
-    dt = getattr(torch, dtype)
-    x = torch.randn(tokens, hidden, dtype=dt, requires_grad=True)
-    weights = [(torch.randn(*shape, dtype=dt) / hidden**0.5).requires_grad_()
-               for shape in ((experts, hidden), (experts, 2 * inter, hidden), (experts, hidden, inter))]
-    own = {t.untyped_storage().data_ptr() for t in [x, *weights]}
+    own = {t.untyped_storage().data_ptr() for t in inputs}
     kept = {}
 
     def pack(t):
@@ -156,15 +148,37 @@ def run_moe_case(tokens, hidden, inter, experts, k, dtype):
             kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    return out, sum(kept.values())
+
+
+def moe_shape(hidden, inter, experts, k, dtype: str):
+    """The planner's shape of one MoE layer (the other fields are unused by its MoE terms)."""
+    from spell_core.plan import Shape
+
+    return Shape(vocab=1, hidden=hidden, intermediate=0, layers=1, heads=1, kv_heads=1, head_dim=1, tied=False,
+                 qk_norm=False, qkv_bias=False, max_positions=1, dtype=dtype, experts=experts,
+                 experts_per_token=k, moe_intermediate=inter, moe_layers=(0,))
+
+
+def run_moe_case(tokens, hidden, inter, experts, k, dtype):
+    """Measured: live bytes left by the forward less its output (profiler), the storages of the
+    saved tensors (hooks), the weight gradients' bytes after backward; and the planner's terms."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    x = torch.randn(tokens, hidden, dtype=dt, requires_grad=True)
+    weights = [(torch.randn(*shape, dtype=dt) / hidden**0.5).requires_grad_()
+               for shape in ((experts, hidden), (experts, 2 * inter, hidden), (experts, hidden, inter))]
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = moe_ffn(x, *weights, k)
+        out, kept = saved_storage_bytes(lambda: moe_ffn(x, *weights, k), [x, *weights])
     left = _live_bytes_left(prof) - out.untyped_storage().nbytes()
     out.float().square().sum().backward()
-    shape = Shape(vocab=1, hidden=hidden, intermediate=0, layers=1, heads=1, kv_heads=1, head_dim=1, tied=False,
-                  qk_norm=False, qkv_bias=False, max_positions=1, dtype=dtype, experts=experts,
-                  experts_per_token=k, moe_intermediate=inter, moe_layers=(0,))
-    return {"kept_live": left, "kept_saved": sum(kept.values()), "kept_planned": shape.moe_saved_bytes_per_token("cpu")
+    shape = moe_shape(hidden, inter, experts, k, dtype)
+    return {"kept_live": left, "kept_saved": kept, "kept_planned": shape.moe_saved_bytes_per_token("cpu")
             * tokens, "grads": sum(w.grad.untyped_storage().nbytes() for w in weights),
             "grads_planned": (shape.layer_params(moe=True) - shape.attention_params()) * shape.bytes}
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from bench.plan_validate import moe_ffn, moe_shape, saved_storage_bytes
 from spell_core import plan
 
 ROOT = Path(__file__).parents[2]
@@ -204,17 +204,6 @@ def test_command_line_plans_the_config_only_folder(capsys):
     assert "fits: NO" in capsys.readouterr().out
 
 
-def _router_and_experts(x, router, gate_up, down, k):
-    """A Qwen3-MoE FFN as transformers computes it: linear router, fp32 softmax over all experts,
-    top-k, renormalised, cast back; the experts through spell_kernels.moe_experts."""
-    from spell_kernels.moe import moe_experts
-
-    probs = torch.softmax(F.linear(x, router), dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, k, dim=-1)
-    weights = weights / weights.sum(dim=-1, keepdim=True)
-    return moe_experts(x, gate_up, down, ids, weights.to(x.dtype))
-
-
 @pytest.mark.parametrize("dtype, tokens, k", [(torch.float32, 96, 2), (torch.bfloat16, 64, 3),
                                               (torch.float32, 33, 1)])
 def test_moe_ffn_saved_tensors_and_weight_gradients_measured_on_cpu(dtype, tokens, k):
@@ -228,20 +217,9 @@ def test_moe_ffn_saved_tensors_and_weight_gradients_measured_on_cpu(dtype, token
                torch.randn(experts, hidden, inter, dtype=dtype)]
     for w in weights:
         w.requires_grad_(True)
-    own = {t.untyped_storage().data_ptr() for t in [x, *weights]}
-    kept = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in own:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = _router_and_experts(x, *weights, k)
-    shape = plan.Shape(vocab=1, hidden=hidden, intermediate=0, layers=1, heads=1, kv_heads=1, head_dim=1, tied=False,
-                       qk_norm=False, qkv_bias=False, max_positions=1, dtype=str(dtype).removeprefix("torch."),
-                       experts=experts, experts_per_token=k, moe_intermediate=inter, moe_layers=(0,))
-    assert sum(kept.values()) == shape.moe_saved_bytes_per_token("cpu") * tokens
+    out, kept = saved_storage_bytes(lambda: moe_ffn(x, *weights, k), [x, *weights])
+    shape = moe_shape(hidden, inter, experts, k, str(dtype).removeprefix("torch."))
+    assert kept == shape.moe_saved_bytes_per_token("cpu") * tokens
     out.float().square().sum().backward()
     grads = sum(w.grad.untyped_storage().nbytes() for w in weights)
     assert grads == (shape.layer_params(moe=True) - shape.attention_params()) * shape.bytes
