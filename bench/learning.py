@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -204,8 +205,8 @@ def steps_that_fit(args, eval_questions: int, val_questions: int, seconds_per_qu
 # --- running -------------------------------------------------------------------------------
 
 def run_logged(command: list[str], log: Path, record: list) -> float:
-    """Run a command, its output to the console and to `log`; its seconds. A failure stops the
-    experiment with the command and the log named."""
+    """Run a command, its output to the console and to `log`; its seconds. Its wall and CPU seconds and
+    peak resident set go into `record`. A failure stops the experiment with the command and the log named."""
     print("$ " + " ".join(command), flush=True)
     began = time.perf_counter()
     with open(log, "w") as f:
@@ -213,9 +214,12 @@ def run_logged(command: list[str], log: Path, record: list) -> float:
         for line in process.stdout:
             sys.stdout.write(line)
             f.write(line)
-        code = process.wait()
+        _, status, usage = os.wait4(process.pid, 0)  # the child's own peak resident set and CPU time
+        process.returncode = code = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - began
-    record.append({"command": command, "seconds": round(seconds, 1), "log": str(log), "exit": code})
+    record.append({"command": command, "seconds": round(seconds, 1), "log": str(log), "exit": code,
+                   "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),  # kB on Linux
+                   "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1)})
     if code != 0:
         raise LearningError(f"{command[2]} failed (exit {code}); its output is in {log}")
     return seconds

@@ -87,3 +87,33 @@ def test_one_tiny_experiment_end_to_end(tmp_path, capsys):
     assert [m["step"] for m in history if "eval_all_pass@1" in m] == [0, 1]
     text = learning_report.report(out)
     assert "| heldout | greedy | all | 3 | pass@1 |" in text and (out / "learning.png").is_file()
+
+
+def test_each_command_records_its_own_peak_resident_set_and_exit(tmp_path):
+    """A child that touches 300 MiB reports at least that as its peak, the next small child its own
+    (not the largest so far); a failing child stops the experiment naming its log. Run from a small
+    parent: a forked child's peak starts at its parent's resident set."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    touch = "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"
+    script = f"""
+import json, sys
+from bench import learning
+record = []
+learning.run_logged([sys.executable, "-c", {touch!r}], {str(tmp_path / "a.log")!r}, record)
+learning.run_logged([sys.executable, "-c", "print('hi')"], {str(tmp_path / "b.log")!r}, record)
+try:
+    learning.run_logged([sys.executable, "-c", "raise SystemExit(3)"], {str(tmp_path / "c.log")!r}, record)
+except learning.LearningError as err:
+    record.append(str(err))
+print(json.dumps(record))
+"""
+    root = Path(learning.__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True)
+    big, small, failed, message = json.loads(done.stdout.splitlines()[-1])
+    assert big["exit"] == 0 and big["peak_rss_gb"] >= 300 / 1024
+    assert small["exit"] == 0 and small["peak_rss_gb"] < 150 / 1024
+    assert (tmp_path / "b.log").read_text() == "hi\n"
+    assert failed["exit"] == 3 and "exit 3" in message and "c.log" in message
