@@ -122,8 +122,8 @@ def before_after_table(found: dict[str, dict]) -> str:
 
 def health_table(runs: list[tuple[str, Path]]) -> str:
     lines = ["| run | lr | step | bad_format | R parsed | V verdict | tokens generated | reward Q | reward R | "
-             "reward V | trajectories Q/R/V | held-out pass@1 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "reward V | trajectories Q/R/V | step s | held-out pass@1 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for name, folder in runs:
         history = read_jsonl(folder / "metrics.jsonl")
         questions = read_jsonl(folder / "questions.jsonl")
@@ -134,12 +134,16 @@ def health_table(runs: list[tuple[str, Path]]) -> str:
             trajectories = "/".join(str(m.get(f"trajectories_{role}", 0)) for role in ROLES)
             lines.append(f"| {name} | {lr} | {m['step']} | {_share(h['bad_format'])} | {_share(h['responder_parsed'])} "
                          f"| {_share(h['verifier_verdict'])} | {h['tokens_generated']:,} | {rewards} | {trajectories} "
-                         f"| {_share(m.get('eval_all_pass@1'))} |")
+                         f"| {_seconds(m.get('step_time_s'))} | {_share(m.get('eval_all_pass@1'))} |")
     return "\n".join(lines)
 
 
 def _number(value) -> str:
     return "-" if value is None or value != value else f"{value:+.2f}"
+
+
+def _seconds(value) -> str:
+    return "-" if value is None or value != value else f"{value:.0f}"
 
 
 def _share(value) -> str:
@@ -221,7 +225,21 @@ def report(folder: Path, png: Path | None = None) -> str:
                   f"`{record.get('final_checkpoint')}`.", ""]
     lines += [f"![curves]({png.name})", "", "Before / after on the held-out questions:", "",
               before_after_table(found), "", "Format health per step:", "", health_table([(folder.name, runs)]), "",
+              "Commands (wall time, CPU time of the command's process, its peak resident set):", "",
+              commands_table(record.get("commands", [])), "",
               "Conclusion: (to be written from the numbers above)", ""]
+    return "\n".join(lines)
+
+
+def commands_table(commands: list[dict]) -> str:
+    lines = ["| command | wall min | CPU s | peak RSS GB |", "|---|---:|---:|---:|"]
+    for c in commands:
+        argv = c.get("command", [])
+        module = argv[2] if len(argv) > 2 and argv[1] == "-m" else Path(argv[1]).name if len(argv) > 1 else "?"
+        out = next((Path(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a == "--out"), None)
+        detail = "" if out is None else f"{out.parent.name} {out.stem}" if out.suffix == ".json" else out.name
+        lines.append(f"| {module} {detail} | {c.get('seconds', 0) / 60:.1f} | {c.get('cpu_seconds', '-')} | "
+                     f"{c.get('peak_rss_gb', '-')} |")
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ def experiment(tmp_path):
              {"step": 1, "questions": 4, "questions_bad_format": 1, "reward_questioner": 0.5,
               "reward_responder": -0.25, "reward_verifier": 1.0, "pass_rate_histogram": [1, 2, 1],
               "trajectories_questioner": 3, "trajectories_responder": 2, "trajectories_verifier": 1,
-              "tokens_generated": 4700, "eval_all_pass@1": 0.5},
+              "tokens_generated": 4700, "step_time_s": 593.5, "eval_all_pass@1": 0.5},
              {"step": 2, "questions": 8, "questions_bad_format": 0, "reward_questioner": None,
               "reward_responder": 0.0, "reward_verifier": None, "pass_rate_histogram": [0, 0, 2],
               "trajectories_questioner": 0, "trajectories_responder": 0, "trajectories_verifier": 0,
@@ -42,6 +42,11 @@ def experiment(tmp_path):
                  {"step": 2, "responder_answers": ["x", "y"], "verifier_majorities": [1, 1]}]
     (run / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     (run / "config.json").write_text(json.dumps({"trainer": {"lr": 5e-06}}))
+    commands = [{"command": ["py", "-m", "spell_core.eval", "--data", "d", "--out", str(pair / "before.json")],
+                 "seconds": 90.0, "cpu_seconds": 170.5, "peak_rss_gb": 3.1},
+                {"command": ["py", "-m", "spell_core.run", "--out", str(run), "--steps", "2"],
+                 "seconds": 1230.0, "cpu_seconds": 2400.0, "peak_rss_gb": 11.52}]
+    (out / "learning.json").write_text(json.dumps({"settings": {"steps": 2}, "commands": commands}))
     return out
 
 
@@ -53,6 +58,8 @@ def test_before_after_table_holds_the_hand_worked_changes_and_intervals(experime
     # all: differences 1, 1, 0, 0: mean 0.5; a draw of four is all 0 or all 1 with chance 1/16 > 2.5 %
     assert "| heldout | greedy | all | 4 | pass@1 | 0.500 | 1.000 | +0.500 | [+0.000, +1.000] |" in text
     assert "Conclusion:" in text
+    assert "| spell_core.eval heldout-greedy before | 1.5 | 170.5 | 3.1 |" in text
+    assert "| spell_core.run run | 20.5 | 2400.0 | 11.52 |" in text
     png = experiment / "learning.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -62,8 +69,8 @@ def test_format_health_per_step_by_hand(experiment):
     rows = [line for line in table.splitlines() if line.startswith("| exp ")]
     assert len(rows) == 2  # the step-0 validation line is not a training step
     # step 1: bad_format 1/4; 3 of 4 answers parsed; judged a, b, c: majorities YES, unparsable, NO -> 2/3
-    assert rows[0] == ("| exp | 5e-06 | 1 | 0.25 | 0.75 | 0.67 | 4,700 | +0.50 | -0.25 | +1.00 | 3/2/1 | 0.50 |")
-    assert rows[1] == ("| exp | 5e-06 | 2 | 0.00 | 1.00 | 1.00 | 650 | - | +0.00 | - | 0/0/0 | - |")
+    assert rows[0] == ("| exp | 5e-06 | 1 | 0.25 | 0.75 | 0.67 | 4,700 | +0.50 | -0.25 | +1.00 | 3/2/1 | 594 | 0.50 |")
+    assert rows[1] == ("| exp | 5e-06 | 2 | 0.00 | 1.00 | 1.00 | 650 | - | +0.00 | - | 0/0/0 | - | - |")
 
 
 def test_sweep_command_tabulates_every_run_and_a_bad_folder_is_named(experiment, tmp_path, capsys):
