@@ -115,11 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
 # --- data ----------------------------------------------------------------------------------
 
 def balanced_subset(lines: list[str], count: int) -> list[str]:
-    """`count` JSON lines taken in turn from each task type (their order in the file kept within a
-    type, types in first-seen order), so a small subset still covers all three."""
-    by_type: dict[str, list[str]] = defaultdict(list)
+    """`count` JSON lines taken in turn from each task type, and within a type from each of its
+    rules where the items name one (the held-out set's copy and speaker questions are both
+    doc_qa), their order in the file kept within a kind, kinds in first-seen order: a small
+    subset still covers every kind."""
+    by_type: dict[tuple[str, str], list[str]] = defaultdict(list)
     for line in lines:
-        by_type[json.loads(line).get("type", "")].append(line)
+        item = json.loads(line)
+        by_type[item.get("type", ""), item.get("rule", "")].append(line)
     queues, chosen = [list(v) for v in by_type.values()], []
     while len(chosen) < count and any(queues):
         for queue in queues:

@@ -4,7 +4,7 @@ answers each question with its documents replaced by the one word "Empty"
 document); a question whose answer then earns rule reward 1 is answerable without reading.
 
     python bench/heldout/grounding.py [--data bench/heldout/wonderland.jsonl] [--model ALIAS|PATH]
-        [--out bench/heldout/grounding.json] [--max-new-tokens 512]
+        [--out bench/heldout/grounding.json] [--max-new-tokens 512] [--add]
 
 Greedy (temperature 0), one answer per question. Writes {"model", "questions", "answered": [ids],
 "by_type": {type: [answered, questions]}}; `build.py` leaves out every id listed there
@@ -42,6 +42,15 @@ def answered_without_documents(model, tokenizer, items, *, max_new_tokens: int, 
     return {"answered": answered, "by_type": by_type}
 
 
+def merged(earlier: dict, new: dict) -> dict:
+    """One grounding record of two checks of different questions (same model and length)."""
+    by_type = {t: [a + b for a, b in zip(earlier["by_type"].get(t, [0, 0]), new["by_type"].get(t, [0, 0]))]
+               for t in sorted(set(earlier["by_type"]) | set(new["by_type"]))}
+    checked = sorted(set(earlier.get("checked", [])) | set(new["checked"]))
+    return {**new, "questions": len(checked), "checked": checked, "by_type": by_type,
+            "answered": sorted(set(earlier["answered"]) | set(new["answered"]))}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/heldout/grounding.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(HERE / "wonderland.jsonl"), help="the held-out file to check")
@@ -49,6 +58,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(HERE / "grounding.json"), help="where the result goes")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="answer length (default: 512)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--add", action="store_true",
+                        help="check only the questions --out has not checked yet and add them to it (new rules)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     args = parser.parse_args(argv)
     import torch
 
@@ -57,17 +69,30 @@ def main(argv=None) -> int:
     from spell_core.models.model import load_pretrained
 
     try:
-        out = check_output_file(Path(args.out), [("--data", args.data)], overwrite=args.overwrite)
+        earlier = None
+        if args.add:
+            out = Path(args.out)
+            earlier = json.loads(out.read_text()) if out.is_file() else None
+            if earlier is not None and (earlier.get("model"), earlier.get("max_new_tokens")) != (
+                    args.model, args.max_new_tokens):
+                raise ValueError(f"--add: {out} was checked with {earlier.get('model')} at "
+                                 f"{earlier.get('max_new_tokens')} tokens; pass the same --model / --max-new-tokens")
+        else:
+            out = check_output_file(Path(args.out), [("--data", args.data)], overwrite=args.overwrite)
         items = load_eval_data(args.data)
-    except (EvalDataError, ValueError) as err:
+    except (EvalDataError, ValueError, OSError) as err:
         print(f"grounding: error: {err}", file=sys.stderr)
         return 1
-    torch.set_num_threads(1)
+    if earlier is not None:
+        items = [item for item in items if item.id not in set(earlier.get("checked", []))]
+    torch.set_num_threads(args.threads)
     began = time.perf_counter()
     model, tokenizer = load_pretrained(args.model, device="cpu")
     found = answered_without_documents(model, tokenizer, items, max_new_tokens=args.max_new_tokens)
     record = {"model": args.model, "data": Path(args.data).name, "questions": len(items),
-              "max_new_tokens": args.max_new_tokens, **found}
+              "max_new_tokens": args.max_new_tokens, "checked": sorted(item.id for item in items), **found}
+    if earlier is not None:
+        record = merged(earlier, record)
     out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     print(f"{len(found['answered'])} of {len(items)} questions answered without their document "
           f"({', '.join(f'{t} {a}/{n}' for t, (a, n) in sorted(found['by_type'].items()))}) in "

@@ -42,6 +42,11 @@ def test_balanced_subset_takes_the_types_in_turn():
     lines = [json.dumps({"id": i, "type": t}) for i, t in enumerate("qqqmmc")]
     chosen = [json.loads(line)["id"] for line in learning.balanced_subset(lines, 4)]
     assert chosen == [0, 3, 5, 1]
+    # two rules of one type are two kinds
+    lines = [json.dumps({"id": i, "type": t, "rule": r}) for i, (t, r) in enumerate(
+        [("qa", "copy"), ("qa", "copy"), ("qa", "speaker"), ("math", "count"), ("qa", "speaker")])]
+    chosen = [json.loads(line)["id"] for line in learning.balanced_subset(lines, 4)]
+    assert chosen == [0, 2, 3, 1]
 
 
 def test_an_earlier_experiment_is_moved_aside_only_with_overwrite(tmp_path):
