@@ -18,7 +18,6 @@ distributed step (collectives, FSDP all-gathers, ring transfers, padding), not a
 Prints one JSON object.
 """
 import argparse
-import datetime
 import json
 import os
 import socket

@@ -66,7 +66,7 @@ def long_context_warning(model, ctx: int, native_ctx: int, prompts_per_step: int
     if not too_long and ctx <= max(native_ctx, SHORT_CTX):
         return None  # nothing to measure: the context the model was made for
     weight = model.lm_head_weight
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = active_parameters(model)
     layers, hidden = model.config.num_hidden_layers, model.config.num_attention_heads * model.config.head_dim
     flops = 2 * n_params * ctx + 2 * layers * hidden * ctx * ctx  # weights, plus causal attention (QK and PV)
     per_prompt = flops / _flops_per_second(weight.device, weight.dtype)
@@ -79,6 +79,18 @@ def long_context_warning(model, ctx: int, native_ctx: int, prompts_per_step: int
     return (f"spell: warning: {reason}. Expected time on this machine: about {_duration(per_prompt)} to read one "
             f"prompt of that length, {_duration(per_step)} for the {prompts_per_step} prompts of a step, before any "
             "token is generated (progress shows 0 tok meanwhile); lower --ctx for a quicker run")
+
+
+def active_parameters(model) -> int:
+    """Parameters a token meets: all of them, less the experts a mixture-of-experts layer does not
+    route it to (each SparseMoeBlock runs top_k of its num_experts)."""
+    total = sum(p.numel() for p in model.parameters())
+    modules = model.modules() if hasattr(model, "modules") else ()
+    for block in modules:
+        if hasattr(block, "top_k") and hasattr(block, "experts"):
+            experts = sum(p.numel() for p in block.experts.parameters())
+            total -= experts * (block.num_experts - block.top_k) // block.num_experts
+    return total
 
 
 def _duration(seconds: float) -> str:

@@ -29,3 +29,20 @@ def test_seconds_per_prompt_and_per_step_worked_by_hand(monkeypatch):
                               "about 90 s to read one prompt of that length, 12 min for the 8 prompts of a step")
     # at the native context nothing is estimated
     assert preflight.long_context_warning(MODEL, 32768, 32768, 1000) is None
+
+
+def test_a_mixture_of_experts_counts_the_experts_a_token_is_routed_to():
+    """Tiny Qwen3-MoE (tests/core/tiny_models.py): per MoE layer, E experts of 3 H I weights each,
+    k run per token; by hand from the config, against transformers' model's parameter count."""
+    from tests.core.tiny_models import ours_from_hf, perturbed_hf_model, tiny_moe_config
+
+    config = tiny_moe_config(64)
+    hf = perturbed_hf_model(config, 0)
+    model = ours_from_hf(hf)
+    total = sum(p.numel() for p in hf.parameters())
+    moe_layers = [i for i in range(config.num_hidden_layers)
+                  if i not in config.mlp_only_layers and (i + 1) % config.decoder_sparse_step == 0]
+    idle = len(moe_layers) * (config.num_experts - config.num_experts_per_tok) * 3 * config.hidden_size \
+        * config.moe_intermediate_size
+    assert preflight.active_parameters(model) == total - idle
+    assert idle > 0
