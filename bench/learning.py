@@ -50,13 +50,13 @@ HERE = Path(__file__).resolve().parent
 POSITIVE, COUNT = arg_types.count(1), arg_types.count(0)
 DEFAULT_HELDOUT = HERE / "heldout" / "wonderland.jsonl"
 # Costs of the default model on the 2-core machine, to plan a run before anything is measured.
-# An evaluation question is prefill-bound: its ~1.6k-token document is read at ~25 tokens/s
-# (measured: 8 held-out questions greedy in 557 s with 2 threads at load ~3, 2026-12-07; the n
-# samples of a question share that prefill, so the cost is per question, not per sample). A
-# self-play step at the CPU defaults (8 questions, G = 4): 497 s (bench/results/loop.md), scaled
-# linearly with --questions.
-EVAL_SECONDS_PER_QUESTION = 70.0
-STEP_MINUTES = 8.3
+# An evaluation question is prefill-bound (its ~1.6k-token document): 26 s greedy, 40-45 s with
+# 4 samples at T = 0.7 (idle machine, 2 threads, 2026-12-07; bench/results/learning.md), so 33 s
+# a question and mode on average; the n samples of a question share its prefill. A self-play
+# step at the CPU defaults (8 questions, G = 4): 9.4 min for the first, 3.5-5 min once answers
+# are brief (3-step sweeps at 5e-6 and 2e-6): 5.5 min on average, scaled linearly with --questions.
+EVAL_SECONDS_PER_QUESTION = 33.0
+STEP_MINUTES = 5.5
 STEP_QUESTIONS = 8
 
 

@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out file (by default an earlier result is never replaced)")
     parser.add_argument("--threads", type=arg_types.count(0), default=None,
-                        help="CPU threads of torch; 0: torch's default (default: 1 on a CPU, where more threads on a "
-                             "busy machine are several times slower; 0 on a GPU)")
+                        help="CPU threads of torch; 0: torch's default (default on a CPU: the cores nobody else is "
+                             "using when it starts, at least 1, as `run` counts them; 0 on a GPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -131,7 +131,11 @@ def _run(args, items: list[EvalItem], ks: list[int], budget: int | None) -> int:
     import torch
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    threads = args.threads if args.threads is not None else (1 if device == "cpu" else 0)
+    threads = args.threads
+    if threads is None:
+        from spell_core.common.cpu_threads import idle_core_threads
+
+        threads = idle_core_threads()[0] if device == "cpu" else 0
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

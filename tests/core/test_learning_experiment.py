@@ -17,7 +17,7 @@ def _args(**kw):
 
 
 def test_estimate_by_hand_and_the_budget_refuses_naming_the_steps_that_fit(tmp_path, capsys):
-    args = _args(steps=10, eval_n=4, val_every=2, val_n=1, questions=None)
+    args = _args(steps=10, eval_n=4, val_every=2, val_n=1, questions=None, step_minutes=8.3)
     # 10 questions x 2 modes (greedy, sampled: its 4 samples share a prefill), before and after,
     # 15 s each: 10 min; 6 validations (steps 0, 2, .., 10) x 10 questions x 15 s: 15 min;
     # 10 steps x 8.3 min: 83 min
@@ -29,12 +29,12 @@ def test_estimate_by_hand_and_the_budget_refuses_naming_the_steps_that_fit(tmp_p
     heldout.write_text("".join(json.dumps({"id": f"q{i}", "type": "doc_qa", "context": "c", "question": "q",
                                            "answer": "a"}) + "\n" for i in range(10)))
     code = learning.main(["--out", str(tmp_path / "exp"), "--heldout", str(heldout), "--budget-minutes", "60",
-                          "--eval-seconds-per-question", "15", "--dry-run"])
+                          "--eval-seconds-per-question", "15", "--step-minutes", "8.3", "--dry-run"])
     assert code == 1 and "--steps 5 fits" in capsys.readouterr().err
     # a subset is planned at its size: 4 questions x 2 modes x 2 x 15 s = 4 min; 2 validation questions
     # x 6 validations x 15 s = 3 min; 10 x 8.3 = 83 min
     code = learning.main(["--out", str(tmp_path / "exp"), "--heldout", str(heldout), "--eval-items", "4",
-                          "--val-items", "2", "--eval-seconds-per-question", "15", "--dry-run"])
+                          "--val-items", "2", "--eval-seconds-per-question", "15", "--step-minutes", "8.3", "--dry-run"])
     assert code == 0 and "estimated 90 min (4 evaluation, 3 validation, 83 steps)" in capsys.readouterr().out
 
 
