@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 import spell_kernels
 from spell_core.models import checkpoint as ckpt
 from spell_core.models import moe_checkpoint
+from spell_core.models.linear import Linear
 from spell_core.models.moe import RouterStats, SparseMoeBlock, is_moe_layer, moe_fields, router_aux_loss
 from spell_core.models.rope import apply_rotary, rope_parameters_from_hf, rotary_cos_sin, with_rope_scaling
 from spell_core.models.routing import Routing
@@ -153,10 +154,10 @@ class Attention(nn.Module):
         super().__init__()
         hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.head_dim = d
-        self.q_proj = nn.Linear(config.hidden_size, hq * d, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, hkv * d, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, hkv * d, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(hq * d, config.hidden_size, bias=config.o_bias)
+        self.q_proj = Linear(config.hidden_size, hq * d, bias=config.qkv_bias)
+        self.k_proj = Linear(config.hidden_size, hkv * d, bias=config.qkv_bias)
+        self.v_proj = Linear(config.hidden_size, hkv * d, bias=config.qkv_bias)
+        self.o_proj = Linear(hq * d, config.hidden_size, bias=config.o_bias)
         if config.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
             self.q_norm = RMSNorm(d, config.rms_norm_eps)
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
@@ -179,9 +180,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_proj = Linear(h, i, bias=bias)
+        self.up_proj = Linear(h, i, bias=bias)
+        self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -241,7 +242,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Decoder(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
         self.gradient_checkpointing = False
         self.router_aux_loss_coef = 0.0

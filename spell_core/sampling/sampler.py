@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+from spell_core.models.linear import linear
 
 from spell_core.models.routed_tokens import RoutedTokens
 from spell_core.sampling.kv_cache import DecodeAttention, KVCache, PrefillAttention, WaveLayout, kv_bytes_per_token, \
@@ -442,7 +442,7 @@ def _decode_tables(layout, live: list[_Sample], device):
 
 def _lm_head(model, hidden: torch.Tensor, scale: float) -> torch.Tensor:
     """Logits at the sampling temperature, (hidden * 1/T) @ W^T: the trainer's order of operations."""
-    return F.linear(hidden * scale if scale != 1.0 else hidden, model.lm_head_weight)
+    return linear(hidden * scale if scale != 1.0 else hidden, model.lm_head_weight)
 
 
 def _decode_step(model, cache, layout, live: list[_Sample], scale: float = 1.0,
