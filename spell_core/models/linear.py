@@ -1,11 +1,11 @@
 """A linear layer that is quicker for the few rows of a CPU decode step.
 
 MKL's sgemm computes y = x W^T slowly when x has a few rows (a decode step: one row per live
-sample) and W is large: at 2 threads, 4-32 rows, the MLP's 896 x 4864 weights and the 151,936-row
-LM head, y^T = W x^T is 1.7-2.9x quicker (bench/results/sampler.md). It is the same product with
-another summation order (fp32 differences of a few 1e-6 relative). Only for inference (no
-gradient) on a CPU: training's micro-batches have thousands of rows, and a GPU has its own
-kernels.
+sample) and W is large: at 2 threads and 4-128 rows, for the MLP's 896 x 4864 weights and the
+151,936-row LM head, y^T = W x^T is 1.1-2.9x quicker (bench/results/sampler.md,
+bench/test_bench_linear.py). It is the same product with another summation order (fp32
+differences of a few 1e-6 relative). Only for inference (no gradient) on a CPU: training's
+micro-batches have thousands of rows, and a GPU has its own kernels.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FEW_ROWS = (2, 32)  # measured range where W x^T wins; one row gains nothing
+FEW_ROWS = (2, 128)  # measured range where W x^T wins; one row gains nothing
 LARGE_WEIGHT = 1 << 22  # elements: 896 x 4864 wins; 896 x 896 and smaller do not reliably
 
 

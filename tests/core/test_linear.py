@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from spell_core.models import linear as lin
 
 
-@pytest.mark.parametrize("rows", [2, 7, 32])
+@pytest.mark.parametrize("rows", [2, 7, 128])
 @pytest.mark.parametrize("bias", [False, True])
 def test_few_rows_match_a_float64_reference(rows, bias):
     g = torch.Generator().manual_seed(rows)
@@ -29,7 +29,7 @@ def test_the_transposed_product_is_used_only_where_it_was_measured_to_win(monkey
     with torch.no_grad():
         lin.linear(torch.randn(8, 896), big)          # used
         lin.linear(torch.randn(1, 896), big)          # one row: F.linear
-        lin.linear(torch.randn(33, 896), big)         # many rows: F.linear
+        lin.linear(torch.randn(129, 896), big)        # many rows: F.linear
         lin.linear(torch.randn(8, 896), small)        # small weight: F.linear
         lin.linear(torch.randn(8, 896).double(), big.double())  # not fp32: F.linear
     lin.linear(torch.randn(8, 896), big)              # gradient mode (training): F.linear
