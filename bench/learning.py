@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another benchmark-format file to score before and after (repeatable)")
     p.add_argument("--eval-items", type=POSITIVE, default=None,
                    help="use only this many questions of each evaluation file, taken in turn from each task "
-                        "type (JSON Lines files) (default: all)")
+                        "type and rule and spread over the file (JSON Lines files) (default: all)")
     p.add_argument("--eval-n", type=POSITIVE, default=4, help="samples per question, sampled mode (default: 4)")
     p.add_argument("--eval-temperature", type=float, default=0.7, help="sampled mode temperature (default: 0.7)")
     p.add_argument("--eval-max-new-tokens", type=POSITIVE, default=512,
@@ -117,18 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
 def balanced_subset(lines: list[str], count: int) -> list[str]:
     """`count` JSON lines taken in turn from each task type, and within a type from each of its
     rules where the items name one (the held-out set's copy and speaker questions are both
-    doc_qa), their order in the file kept within a kind, kinds in first-seen order: a small
-    subset still covers every kind."""
-    by_type: dict[tuple[str, str], list[str]] = defaultdict(list)
+    doc_qa), kinds in first-seen order: a small subset still covers every kind. Within a kind the
+    picks are spread evenly over its items, not its first ones: the held-out set runs through the
+    book in order, and its first speaker questions all come from chapters where only Alice speaks."""
+    kinds: dict[tuple[str, str], list[str]] = defaultdict(list)
     for line in lines:
         item = json.loads(line)
-        by_type[item.get("type", ""), item.get("rule", "")].append(line)
-    queues, chosen = [list(v) for v in by_type.values()], []
-    while len(chosen) < count and any(queues):
-        for queue in queues:
-            if queue and len(chosen) < count:
-                chosen.append(queue.pop(0))
-    return chosen
+        kinds[item.get("type", ""), item.get("rule", "")].append(line)
+    items = list(kinds.values())
+    quotas = [0] * len(items)
+    while sum(quotas) < count and any(q < len(kind) for q, kind in zip(quotas, items)):
+        for i, kind in enumerate(items):
+            if quotas[i] < len(kind) and sum(quotas) < count:
+                quotas[i] += 1
+    picks = [[kind[(2 * j + 1) * len(kind) // (2 * quota)] for j in range(quota)]
+             for kind, quota in zip(items, quotas)]
+    return [pick[j] for j in range(max(quotas, default=0)) for pick in picks if j < len(pick)]
 
 
 def prepare_data(path: str, count: int | None, folder: Path, name: str) -> Path:

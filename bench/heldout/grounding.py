@@ -84,7 +84,8 @@ def main(argv=None) -> int:
         print(f"grounding: error: {err}", file=sys.stderr)
         return 1
     if earlier is not None:
-        items = [item for item in items if item.id not in set(earlier.get("checked", []))]
+        already_checked = set(earlier.get("checked", []))
+        items = [item for item in items if item.id not in already_checked]
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     model, tokenizer = load_pretrained(args.model, device="cpu")

@@ -2,6 +2,7 @@
 on a tiny random model (evaluate, 1 self-play step with validation, evaluate the checkpoint,
 --compare, the report)."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -38,15 +39,27 @@ def test_estimate_by_hand_and_the_budget_refuses_naming_the_steps_that_fit(tmp_p
     assert code == 0 and "estimated 90 min (4 evaluation, 3 validation, 83 steps)" in capsys.readouterr().out
 
 
-def test_balanced_subset_takes_the_types_in_turn():
+def test_balanced_subset_takes_the_types_in_turn_spread_over_each_type():
     lines = [json.dumps({"id": i, "type": t}) for i, t in enumerate("qqqmmc")]
     chosen = [json.loads(line)["id"] for line in learning.balanced_subset(lines, 4)]
-    assert chosen == [0, 3, 5, 1]
+    # quotas q 2, m 1, c 1; q's two picks at 1/4 and 3/4 of its three items (0, 2), m's one at the
+    # middle of two (4); then in turn: q, m, c, q
+    assert chosen == [0, 4, 5, 2]
     # two rules of one type are two kinds
     lines = [json.dumps({"id": i, "type": t, "rule": r}) for i, (t, r) in enumerate(
         [("qa", "copy"), ("qa", "copy"), ("qa", "speaker"), ("math", "count"), ("qa", "speaker")])]
     chosen = [json.loads(line)["id"] for line in learning.balanced_subset(lines, 4)]
-    assert chosen == [0, 2, 3, 1]
+    assert chosen == [0, 4, 3, 1]
+    assert learning.balanced_subset(lines, 9) == [lines[i] for i in (0, 2, 3, 1, 4)]
+
+
+def test_the_held_out_subset_spans_the_book_and_its_speakers():
+    lines = (Path(__file__).resolve().parents[2] / "bench/heldout/wonderland.jsonl").read_text().splitlines()
+    chosen = [json.loads(line) for line in learning.balanced_subset(lines, 16)]
+    speakers = [item["answer"] for item in chosen if item.get("rule", "").startswith("speaker")]
+    chapters = {item["id"].split("-")[1][:4] for item in chosen}
+    assert len(speakers) == 4 and len(set(speakers)) >= 3, speakers
+    assert len(chapters) >= 6 and max(chapters) >= "ch10", sorted(chapters)  # the first 16 span ch01-ch04
 
 
 def test_an_earlier_experiment_is_moved_aside_only_with_overwrite(tmp_path):
