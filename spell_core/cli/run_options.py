@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--questioner-reward", choices=("gaussian", "linear", "triangle"), default="gaussian",
                         help="questioner reward: SPELL's gaussian, or the ablations linear (1 - r) and "
                              "triangle (1 - 2|r - 0.5|) (default: gaussian)")
+    parser.add_argument("--shuffle-options", action=argparse.BooleanOptionalAction, default=False,
+                        help="permute the four options of every generated multiple-choice question (and its answer "
+                             "letter) before the responders see it, so that the questioner's favourite letters are "
+                             "not taught to the responders (default: off, as the method)")
     _add_method_options(parser)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="recompute activations in backward: a quarter more compute for much less memory "
@@ -218,7 +222,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse
                          text_field=args.text_field, cluster_field=args.cluster_field, tasks=list(args.tasks or [])),
         sampling=SamplingOptions(max_response_tokens=args.max_new_tokens, group_size=args.group_size),
         loop=LoopOptions(questions=args.questions, kept_groups=args.kept_groups, max_rounds=args.max_rounds,
-                         questioner_reward=args.questioner_reward, kv_budget_tokens=args.kv_budget_tokens,
+                         questioner_reward=args.questioner_reward, shuffle_options=args.shuffle_options,
+                         kv_budget_tokens=args.kv_budget_tokens,
                          memory_admission=args.memory_admission, enable_thinking=args.enable_thinking,
                          overlap_grounding=args.overlap_grounding, cuda_graph=args.cuda_graph),
         out=args.out,

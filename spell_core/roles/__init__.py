@@ -8,7 +8,7 @@ from .responder import answered_without_documents, build_grounding_prompt, build
 from .rewards import (BAD_FORMAT_REWARD, BAD_GROUND_REWARD, QUESTIONER_SCHEMES, REL_TOL, SCALE_FACTORS, SIGMA,
                       choice_match, cover_exact_match, numbers_match, numeric_match, questioner_reward,
                       responder_reward, rule_reward, verifier_majority, verifier_rewards)
-from .tasks import DOC_MATH, DOC_MC, DOC_QA, TASK_TYPES, ParsedQuestion, Status, Task
+from .tasks import DOC_MATH, DOC_MC, DOC_QA, TASK_TYPES, ParsedQuestion, Status, Task, shuffle_options
 from .text import normalize_answer, parse_choice, parse_number, strip_thinking
 from .verifier import build_verifier_prompt, parse_verdict
 
@@ -19,6 +19,6 @@ __all__ = [
     "build_questioner_prompt", "build_responder_prompt", "build_verifier_prompt", "choice_match",
     "cover_exact_match", "extract_answer", "normalize_answer", "numbers_match", "numeric_match",
     "parse_choice", "parse_number", "parse_questioner_output", "parse_verdict", "questioner_reward",
-    "render_documents", "render_prompt", "render_question", "responder_reward", "rule_reward",
+    "render_documents", "render_prompt", "render_question", "responder_reward", "rule_reward", "shuffle_options",
     "strip_thinking", "thinking_template_kwargs", "token_counter", "verifier_majority", "verifier_rewards",
 ]

@@ -1,7 +1,8 @@
 """Task types, the parsed form of a question, and the outcome of parsing one."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import random
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 DOC_QA = "doc_qa"  # multi-hop question, short span answer
@@ -54,6 +55,21 @@ class Task:
     @classmethod
     def from_dict(cls, data: dict) -> "Task":
         return cls(data["task_type"], data["question"], data["answer"], data.get("options"))
+
+
+def shuffle_options(task: Task, rng: random.Random) -> Task:
+    """The doc_mc task with its four option texts in a random order and `answer` the letter the
+    right text now has; any other task unchanged. A questioner's letters lean (one run's 17
+    multiple-choice answers: A 9, B 7, C 1, D 0), and responders rewarded on them learn the lean."""
+    if task.task_type != DOC_MC or not task.options:
+        return task
+    letters = sorted(task.options)
+    texts = [task.options[letter] for letter in letters]
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    options = {letter: texts[k] for letter, k in zip(letters, order)}
+    answer = letters[order.index(letters.index(task.answer))]
+    return replace(task, options=options, answer=answer)
 
 
 @dataclass(frozen=True)

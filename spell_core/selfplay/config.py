@@ -89,6 +89,7 @@ class LoopOptions:
     # wants, where a decode step costs about the same for 8 rows or 40 (it reads all the weights)
     overlap_grounding: bool = False
     questioner_reward: str = "gaussian"  # or the ablations "linear" (1 - r), "triangle" (1 - 2|r - 0.5|)
+    shuffle_options: bool = False  # doc_mc: permute a generated question's options before the responders see it
     advantage_eps: float = 1e-6
     kv_budget_tokens: int | None = None  # sampler KV cache size in tokens; None: everything at once
     cuda_graph: bool | None = None  # replay each decode step as a CUDA graph; None: on CUDA when supported

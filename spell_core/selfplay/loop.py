@@ -38,7 +38,8 @@ from spell_core.selfplay.memory import HistoryMemory, MemoryEntry, evidence_ids
 from spell_core.roles import (TASK_TYPES, Status, answered_without_documents, build_grounding_prompt,
                               build_questioner_prompt, build_responder_prompt, build_verifier_prompt, extract_answer,
                               parse_questioner_output, parse_verdict, questioner_reward, responder_reward, rule_reward,
-                              thinking_template_kwargs, token_counter, verifier_majority, verifier_rewards)
+                              shuffle_options, thinking_template_kwargs, token_counter, verifier_majority,
+                              verifier_rewards)
 from spell_core.selfplay.rollout import Question, ResponderGroup, Sample, VerifierGroup
 from spell_core.selfplay.task_mix import TaskMix
 from spell_core.selfplay.selection import (kept_responder_groups, select_questions, select_verifier_groups,
@@ -166,8 +167,11 @@ class SelfPlay:
         questions, clusters = [], {}
         for i, ((cluster, task_type), documents, prompt, out) in enumerate(zip(picks, shown, prompts, outputs)):
             parsed = parse_questioner_output(out[0].text, task_type, self._count_tokens)
+            task = parsed.task
+            if task is not None and self.options.shuffle_options:
+                task = shuffle_options(task, self.rng)
             q = Question(f"s{self.steps_done}r{round_index}q{i}", task_type, cluster.id, evidence_ids(documents),
-                         prompt, out[0], parsed.status, parsed.task, parsed.reason)
+                         prompt, out[0], parsed.status, task, parsed.reason)
             questions.append(q)
             clusters[q.id] = cluster
         return questions, clusters
